@@ -1,0 +1,323 @@
+"""The one module that talks to the Docker engine.
+
+Blocking SDK calls run in trio threads behind one limiter, each with a deadline. Exec
+streams skip the SDK: the HTTP upgrade is done on a trio socket we own, so a stream costs
+no thread and no byte is lost to an HTTP client's read-ahead buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import struct
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import trio
+
+from ._types import Profile
+
+T = TypeVar("T")
+
+DEFAULT_THREADS = 8
+DEFAULT_CALL_TIMEOUT = 30.0
+DEFAULT_PULL_TIMEOUT = 600.0
+_FRAME = struct.Struct(">BxxxI")
+
+
+class EngineError(Exception):
+    """The Docker engine refused or failed a request, or did not answer in time."""
+
+
+class ImageMissing(EngineError):
+    """The image is neither local nor pullable."""
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    state: str
+    labels: Mapping[str, str]
+
+
+def _docker_host() -> str:
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+class Engine:
+    """Async access to one Docker engine.
+
+    Every method has a deadline (``call_timeout`` unless said otherwise) and raises
+    :class:`EngineError` when the engine fails or is unreachable. Cancellation abandons
+    the worker thread, which finishes on its own within the SDK's socket timeout.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        threads: int = DEFAULT_THREADS,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        pull_timeout: float = DEFAULT_PULL_TIMEOUT,
+    ) -> None:
+        self.base_url = base_url or _docker_host()
+        self.call_timeout = call_timeout
+        self.pull_timeout = pull_timeout
+        self._limiter = trio.CapacityLimiter(threads)
+        self._client: docker.DockerClient | None = None
+        self._api_version: str | None = None
+        self._calls = 0
+        self._init_binary: bool | None = None
+
+    def statistics(self) -> dict[str, Any]:
+        return {"calls": self._calls, "threads_busy": self._limiter.borrowed_tokens}
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _sdk(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = docker.DockerClient(
+                base_url=self.base_url, version="auto", timeout=int(self.call_timeout) + 5
+            )
+            self._api_version = self._client.api.api_version
+        return self._client
+
+    async def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None,
+                   **kwargs: Any) -> T:
+        """Run a blocking SDK call in a worker thread, with a deadline."""
+        self._calls += 1
+        with trio.fail_after(timeout or self.call_timeout):
+            try:
+                return await trio.to_thread.run_sync(
+                    functools.partial(fn, *args, **kwargs),
+                    limiter=self._limiter, abandon_on_cancel=True,
+                )
+            except docker.errors.ImageNotFound as exc:
+                raise ImageMissing(str(exc)) from exc
+            except docker.errors.DockerException as exc:
+                raise EngineError(str(exc)) from exc
+            except OSError as exc:  # the engine's socket is gone
+                raise EngineError(f"Docker engine unreachable: {exc}") from exc
+
+    async def api(self) -> docker.APIClient:
+        if self._client is None:
+            await self.call(self._sdk)
+        assert self._client is not None
+        return self._client.api
+
+    # -- engine ---------------------------------------------------------------------------
+
+    async def ping(self, timeout: float = 5.0) -> bool:
+        """True when the engine answers within ``timeout`` seconds."""
+        try:
+            api = await self.api()
+            return bool(await self.call(api.ping, timeout=timeout))
+        except (EngineError, trio.TooSlowError):
+            return False
+
+    async def has_init(self) -> bool:
+        """Whether the engine can run ``--init`` (tini reaps orphans as PID 1)."""
+        if self._init_binary is None:
+            api = await self.api()
+            info = await self.call(api.info)
+            self._init_binary = bool(info.get("InitBinary"))
+        return self._init_binary
+
+    # -- containers -----------------------------------------------------------------------
+
+    async def start_container(
+        self, image: str, command: list[str], *, labels: Mapping[str, str], profile: Profile,
+        workdir_root: str,
+    ) -> str:
+        """Create and start a hardened container; return its id. Pulls a missing image."""
+        api = await self.api()
+        init = await self.has_init()
+        uid, _, gid = profile.user.partition(":")
+        host_config = api.create_host_config(
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            pids_limit=profile.pids,
+            mem_limit=profile.memory,
+            memswap_limit=profile.memory,
+            nano_cpus=int(profile.cpus * 1e9),
+            network_mode="bridge" if profile.network else "none",
+            init=init or None,
+            log_config={"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
+            # Working directories live in a size-capped tmpfs: a function filling its disk
+            # fills its own memory budget, never the host's disk.
+            tmpfs={workdir_root: f"size={profile.workdir_size},uid={uid},gid={gid or uid},"
+                                 "mode=0311,exec"},
+        )
+        create = functools.partial(
+            api.create_container, image, command=command, labels=dict(labels),
+            user=profile.user, host_config=host_config, network_disabled=not profile.network,
+        )
+        try:
+            created = await self.call(create)
+        except ImageMissing:
+            await self.pull(image)
+            created = await self.call(create)
+        cid = created["Id"]
+        try:
+            await self.call(api.start, cid)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.remove(cid)
+            raise
+        return cid
+
+    async def pull(self, image: str) -> None:
+        repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
+        client = self._sdk()
+        try:
+            await self.call(client.images.pull, repo, tag or "latest", timeout=self.pull_timeout)
+        except EngineError as exc:
+            raise ImageMissing(f"image {image!r} is not available: {exc}") from exc
+
+    async def remove(self, cid: str, timeout: float = 10.0) -> None:
+        """Force-remove a container; a container already gone is not an error."""
+        api = await self.api()
+        try:
+            await self.call(api.remove_container, cid, force=True, v=True, timeout=timeout)
+        except EngineError as exc:
+            if "No such container" in str(exc) or "404" in str(exc):
+                return
+            if "already in progress" in str(exc):
+                return
+            raise
+
+    async def containers(self, labels: Mapping[str, str] | Iterable[str]) -> list[ContainerInfo]:
+        """Containers (running or not) carrying all the given labels (``k=v`` or ``k``)."""
+        api = await self.api()
+        if isinstance(labels, Mapping):
+            wanted = [f"{k}={v}" for k, v in labels.items()]
+        else:
+            wanted = list(labels)
+        found = await self.call(api.containers, all=True, filters={"label": wanted})
+        return [ContainerInfo(c["Id"], c.get("State", ""), c.get("Labels") or {}) for c in found]
+
+    async def inspect(self, cid: str) -> dict[str, Any]:
+        api = await self.api()
+        return await self.call(api.inspect_container, cid)
+
+    # -- exec -----------------------------------------------------------------------------
+
+    async def exec_create(
+        self, cid: str, argv: list[str], *, env: Mapping[str, str] | None = None,
+        user: str = "",
+    ) -> str:
+        api = await self.api()
+        created = await self.call(
+            api.exec_create, cid, argv, stdin=True, stdout=True, stderr=True,
+            environment=dict(env) if env else None, user=user,
+        )
+        return created["Id"]
+
+    async def exec_inspect(self, exec_id: str) -> dict[str, Any]:
+        api = await self.api()
+        return await self.call(api.exec_inspect, exec_id)
+
+    async def exec_open(self, exec_id: str, timeout: float | None = None) -> ExecStream:
+        """Start an exec and return its stdin/stdout/stderr as one held-open stream."""
+        await self.api()
+        self._calls += 1
+        with trio.fail_after(timeout or self.call_timeout):
+            stream = await self._connect()
+            try:
+                body = b'{"Detach":false,"Tty":false}'
+                request = (
+                    f"POST /v{self._api_version}/exec/{exec_id}/start HTTP/1.1\r\n"
+                    "Host: docker\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
+                ).encode() + body
+                await stream.send_all(request)
+                head, rest = await _read_head(stream)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+                raise
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or parts[1] not in ("101", "200"):
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            raise EngineError(f"exec start refused: {status_line} {rest[:200]!r}")
+        return ExecStream(stream, rest)
+
+    async def _connect(self) -> trio.abc.Stream:
+        url = urllib.parse.urlsplit(self.base_url)
+        try:
+            if url.scheme in ("unix", "http+unix"):
+                return await trio.open_unix_socket(url.path)
+            if url.scheme in ("tcp", "http"):
+                return await trio.open_tcp_stream(url.hostname or "localhost", url.port or 2375)
+        except OSError as exc:
+            raise EngineError(f"Docker engine unreachable at {self.base_url}: {exc}") from exc
+        raise EngineError(f"unsupported DOCKER_HOST for exec streams: {self.base_url}")
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await trio.to_thread.run_sync(client.close)
+
+
+async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise EngineError("engine closed the exec connection before answering")
+        buf += chunk
+        if len(buf) > 65536:
+            raise EngineError("engine sent an oversized HTTP head")
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+class ExecStream:
+    """An exec's stdin (send) and its multiplexed stdout/stderr (receive).
+
+    ``receive()`` returns ``(fd, data)`` with fd 1 or 2, or ``None`` at end of stream.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, buffered: bytes = b"") -> None:
+        self._stream = stream
+        self._buf = bytearray(buffered)
+        self._send_lock = trio.Lock()
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self._stream.send_all(data)
+
+    async def close_stdin(self) -> None:
+        async with self._send_lock:
+            if isinstance(self._stream, trio.abc.HalfCloseableStream):
+                await self._stream.send_eof()
+
+    async def receive(self) -> tuple[int, bytes] | None:
+        while True:
+            if len(self._buf) >= _FRAME.size:
+                fd, size = _FRAME.unpack_from(self._buf)
+                if len(self._buf) >= _FRAME.size + size:
+                    data = bytes(self._buf[_FRAME.size:_FRAME.size + size])
+                    del self._buf[:_FRAME.size + size]
+                    return fd, data
+            chunk = await self._stream.receive_some(262144)
+            if not chunk:
+                return None
+            self._buf += chunk
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self._stream)
+
+
+def error_text(raw: bytes) -> str:
+    try:
+        return json.loads(raw).get("message", raw.decode(errors="replace"))
+    except ValueError:
+        return raw.decode(errors="replace")

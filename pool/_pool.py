@@ -1,0 +1,572 @@
+"""Warm container pools: one per image and profile, filled and reaped in the background.
+
+A :class:`Pool` owns its containers for their whole life: its ``serve()`` nursery starts
+them, watches them, hands them out as leases, and removes every one of them on the way out.
+:class:`Pools` owns the pools of one server instance and creates a pool on first use.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from ._docker import Engine, EngineError, ImageMissing
+from ._runner import WORKDIR_ROOT, AgentRunner, ContainerLost, ExecRunner, NoAgent, OnOutput
+from ._types import Job, Place, Profile, Result
+
+log = logging.getLogger("pool")
+
+KEEPALIVE = ["sleep", "2147483647"]
+DEFAULT_MIN_IDLE = 1
+DEFAULT_MAX = 4
+DEFAULT_IDLE_TTL = 300.0
+DEFAULT_WATCH_INTERVAL = 2.0
+DEFAULT_WORKDIRS_KEPT = 16
+CLEANUP_TIMEOUT = 15.0
+_BACKOFF_MAX = 5.0
+
+
+class PoolError(Exception):
+    """No container could be had for a lease (image missing, engine failing)."""
+
+
+class PoolClosed(PoolError):
+    """The pool is shutting down."""
+
+
+@dataclass(eq=False)
+class Container:
+    id: str
+    runner: AgentRunner | ExecRunner
+    state: str = "idle"  # idle | busy | dead
+    last_used: float = field(default_factory=time.monotonic)
+    uses: int = 0
+    # Working directories kept for locality follow-ups, oldest first.
+    workdirs: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
+    # Leases waiting for this very container (locality), first come first served.
+    waiters: collections.deque[_Waiter] = field(default_factory=collections.deque)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+@dataclass(eq=False)
+class _Waiter:
+    event: trio.Event = field(default_factory=trio.Event)
+    container: Container | None = None
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    image: str
+    name: str
+    mode: str | None
+    idle: int
+    busy: int
+    starting: int
+    total: int
+    waiting: int
+    started: int
+    failed_starts: int
+    last_error: str | None
+
+
+class Lease:
+    """One container, held by one caller until the ``lease()`` block ends.
+
+    ``hit`` is True when a locality request got the container it asked for, False when it
+    did not, and None when no locality was asked for.
+    """
+
+    def __init__(self, pool: Pool, container: Container, workdir: str, hit: bool | None):
+        self.pool = pool
+        self.container = container
+        self.workdir = workdir
+        self.hit = hit
+        self.discard = False
+        self._ran = False
+
+    @property
+    def place(self) -> Place:
+        return Place(self.container.id, self.workdir)
+
+    async def run(self, job: Job, on_output: OnOutput | None = None) -> Result:
+        """Run ``job`` in the leased container; ``on_output(fd, data)`` sees output live.
+
+        On cancellation the function's processes are killed (the wait for that is
+        shielded and bounded) before Cancelled propagates.
+        """
+        if self._ran:
+            raise RuntimeError("a lease runs one function")
+        self._ran = True
+        runner = self.container.runner
+        try:
+            result = await runner.run(job, self.workdir, on_output)
+        except (ContainerLost, EngineError) as exc:
+            runner.tainted = True
+            result = Result("error", error=f"container failed: {exc}")
+        if not runner.alive:
+            result.error = result.error or "container stopped"
+        if result.outcome != "refused":
+            self.container.workdirs[self.workdir] = None
+            self.container.workdirs.move_to_end(self.workdir)
+        result.place = self.place
+        return result
+
+
+class Pool:
+    """Warm containers of one image and profile.
+
+    Keeps ``min_idle`` containers ready, grows to ``max`` under load, and removes idle
+    containers beyond ``min_idle`` after ``idle_ttl`` seconds. Run it with
+    ``await nursery.start(pool.serve)``; everything it created is removed when ``serve``
+    ends, however it ends.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        image: str,
+        profile: Profile | None = None,
+        *,
+        name: str | None = None,
+        instance: str = "",
+        labels: Mapping[str, str] | None = None,
+        min_idle: int = DEFAULT_MIN_IDLE,
+        max: int = DEFAULT_MAX,
+        idle_ttl: float = DEFAULT_IDLE_TTL,
+        watch_interval: float = DEFAULT_WATCH_INTERVAL,
+        workdirs_kept: int = DEFAULT_WORKDIRS_KEPT,
+    ) -> None:
+        if max < 1 or min_idle < 0 or min_idle > max:
+            raise ValueError("need 0 <= min_idle <= max and max >= 1")
+        self.engine = engine
+        self.image = image
+        self.profile = profile or Profile()
+        self.name = name or image
+        self.instance = instance or uuid.uuid4().hex[:12]
+        self.labels = {**(labels or {}), "ufaas.pool": self.name, "ufaas.instance": self.instance}
+        self.min_idle = min_idle
+        self.max = max
+        self.idle_ttl = idle_ttl
+        self.watch_interval = watch_interval
+        self.workdirs_kept = workdirs_kept
+        self.mode: str | None = None  # "agent" or "exec", decided by the first container
+        self._containers: dict[str, Container] = {}
+        self._idle: collections.deque[Container] = collections.deque()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._starting = 0
+        self._started = 0
+        self._failed_starts = 0
+        self._last_error: str | None = None
+        self._wake = trio.Event()
+        self._warm = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+
+    # -- life -----------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[Pool] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Fill, watch and reap until cancelled; then remove every container of the pool."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._fill_forever)
+                nursery.start_soon(self._watch_forever)
+                task_status.started(self)
+        finally:
+            self._closed = True
+            for w in self._waiters:
+                w.error = PoolClosed("pool is shutting down")
+                w.event.set()
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                await self._remove_all()
+
+    async def _remove_all(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for c in list(self._containers.values()):
+                nursery.start_soon(self._destroy_now, c)
+        # Catch containers whose start we gave up on half-way.
+        try:
+            for info in await self.engine.containers(
+                    {"ufaas.pool": self.name, "ufaas.instance": self.instance}):
+                await self.engine.remove(info.id)
+        except EngineError as exc:
+            log.warning("pool %s: final clean-up incomplete: %s", self.name, exc)
+
+    async def wait_warm(self, count: int | None = None, timeout: float = 60.0) -> None:
+        """Wait until ``count`` (default ``min_idle``) containers are idle."""
+        count = self.min_idle if count is None else count
+        with trio.fail_after(timeout):
+            while len(self._idle) < count:
+                await trio.sleep(0.01)
+
+    def statistics(self) -> PoolStatistics:
+        busy = sum(1 for c in self._containers.values() if c.state == "busy")
+        return PoolStatistics(
+            image=self.image, name=self.name, mode=self.mode, idle=len(self._idle), busy=busy,
+            starting=self._starting, total=len(self._containers) + self._starting,
+            waiting=len(self._waiters), started=self._started,
+            failed_starts=self._failed_starts, last_error=self._last_error,
+        )
+
+    def container(self, cid: str) -> Container | None:
+        return self._containers.get(cid)
+
+    # -- leases ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lease(self, near: Place | None = None, *, strict: bool = False
+                    ) -> AsyncIterator[Lease]:
+        """Hold a warm container for one function.
+
+        With ``near`` (where an earlier function ran) the lease gets that container when it
+        is alive, waiting while it is busy, and reuses its working directory; otherwise
+        any container (``lease.hit`` False), or PoolError when ``strict``. Waits as long as
+        it takes: put a deadline around it.
+        """
+        container, hit = await self._acquire(near, strict)
+        workdir = near.workdir if (hit and near is not None) else uuid.uuid4().hex
+        lease = Lease(self, container, workdir, hit)
+        try:
+            yield lease
+        finally:
+            self._release(container, discard=lease.discard)
+
+    async def _acquire(self, near: Place | None, strict: bool) -> tuple[Container, bool | None]:
+        if self._closed:
+            raise PoolClosed("pool is shutting down")
+        if near is not None:
+            c = self._containers.get(near.container)
+            if c is not None and c.state != "dead" and near.workdir in c.workdirs:
+                if c.state == "idle":
+                    self._take(c)
+                    return c, True
+                got = await self._wait(c.waiters)
+                if got is c:
+                    return c, True
+                if got is not None:  # pragma: no cover - only the named container is handed
+                    self._release(got)
+            if strict:
+                raise PoolError("the container of that function is gone")
+        if self._idle:
+            c = self._idle.pop()  # the most recently used: its caches are warmest
+            self._take(c)
+        else:
+            self._wake.set()
+            c = await self._wait(self._waiters)
+            if c is None:
+                raise PoolError("no container available")
+        return c, (False if near is not None else None)
+
+    async def _wait(self, queue: collections.deque[_Waiter]) -> Container | None:
+        w = _Waiter()
+        queue.append(w)
+        if queue is self._waiters:
+            self._wake.set()
+        try:
+            await w.event.wait()
+        except BaseException:
+            if w in queue:
+                queue.remove(w)
+            if w.container is not None:  # handed over just as we were cancelled
+                self._release(w.container)
+            raise
+        if w.error is not None:
+            raise w.error
+        return w.container
+
+    def _take(self, c: Container) -> None:
+        c.state = "busy"
+        c.uses += 1
+        if c in self._idle:
+            self._idle.remove(c)
+        self._wake.set()
+
+    def _release(self, c: Container, *, discard: bool = False) -> None:
+        runner = c.runner
+        c.last_used = time.monotonic()
+        if discard or runner.tainted or not runner.alive or c.state == "dead" or self._closed:
+            self._retire(c)
+            return
+        while len(c.workdirs) > self.workdirs_kept:
+            old, _ = c.workdirs.popitem(last=False)
+            self._spawn(self._drop_workdir, c, old)
+        self._hand_over(c)
+
+    def _hand_over(self, c: Container) -> None:
+        """Give an idle container to whoever waits for it, else park it."""
+        for queue in (c.waiters, self._waiters):
+            if queue:
+                w = queue.popleft()
+                c.state = "busy"
+                c.uses += 1
+                w.container = c
+                w.event.set()
+                return
+        c.state = "idle"
+        self._idle.append(c)
+        if len(self._idle) >= self.min_idle:
+            self._warm.set()
+
+    def _retire(self, c: Container) -> None:
+        """Take a container out of service and remove it in the background."""
+        if c.state == "dead" and c.id not in self._containers:
+            return
+        c.state = "dead"
+        if c in self._idle:
+            self._idle.remove(c)
+        self._containers.pop(c.id, None)
+        while c.waiters:  # locality waiters fall back to any container
+            w = c.waiters.popleft()
+            w.event.set()
+        self._spawn(self._destroy_now, c)
+        self._wake.set()
+
+    def _spawn(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        if self._nursery is not None and not self._closed:
+            self._nursery.start_soon(fn, *args)
+
+    async def _destroy_now(self, c: Container) -> None:
+        c.state = "dead"
+        self._containers.pop(c.id, None)
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+            try:
+                await c.runner.aclose()
+                await self.engine.remove(c.id)
+            except EngineError as exc:
+                log.warning("pool %s: could not remove %s: %s", self.name, c.short_id, exc)
+
+    async def _drop_workdir(self, c: Container, workdir: str) -> None:
+        try:
+            with trio.move_on_after(self.engine.call_timeout):
+                await c.runner.drop(workdir)
+        except (EngineError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    # -- background -----------------------------------------------------------------------
+
+    def _deficit(self) -> int:
+        total = len(self._containers) + self._starting
+        want = max(self.min_idle - len(self._idle), 0) + len(self._waiters) - self._starting
+        return max(min(self.max - total, want), 0)
+
+    async def _fill_forever(self) -> None:
+        backoff = 0.0
+        while True:
+            # Until the first container decides agent or exec, start one at a time.
+            parallel = 1 if self.mode is None else 2
+            while self._deficit() > 0 and self._starting < parallel:
+                self._starting += 1
+                assert self._nursery is not None
+                self._nursery.start_soon(self._start_one)
+            self._wake = trio.Event()
+            await self._wake.wait()
+            if self._failed_starts and self._last_error is not None:
+                backoff = min(max(backoff * 2, 0.2), _BACKOFF_MAX)
+                await trio.sleep(backoff)
+            else:
+                backoff = 0.0
+
+    async def _start_one(self) -> None:
+        cid = None
+        try:
+            try:
+                cid = await self.engine.start_container(
+                    self.image, KEEPALIVE, labels=self.labels, profile=self.profile,
+                    workdir_root=WORKDIR_ROOT,
+                )
+                runner = await self._start_runner(cid)
+            except BaseException:
+                if cid is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                        try:
+                            await self.engine.remove(cid)
+                        except EngineError:
+                            pass
+                raise
+        except (EngineError, trio.TooSlowError, OSError, NoAgent) as exc:
+            self._failed_starts += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("pool %s: container start failed: %s", self.name, self._last_error)
+            if isinstance(exc, ImageMissing) or not await self.engine.ping():
+                fatal = isinstance(exc, ImageMissing)
+            else:
+                fatal = self._failed_starts >= 3 and not self._containers
+            if fatal:
+                while self._waiters:
+                    w = self._waiters.popleft()
+                    w.error = PoolError(self._last_error)
+                    w.event.set()
+            return
+        finally:
+            self._starting -= 1
+            self._wake.set()
+        self._started += 1
+        self._failed_starts = 0
+        self._last_error = None
+        c = Container(cid, runner)
+        self._containers[cid] = c
+        self._hand_over(c)
+
+    async def _start_runner(self, cid: str) -> AgentRunner | ExecRunner:
+        assert self._nursery is not None
+        if self.mode in (None, "agent"):
+            agent = AgentRunner(self.engine, cid)
+            try:
+                await agent.start(self._nursery)
+                self.mode = "agent"
+                return agent
+            except NoAgent as exc:
+                if self.mode == "agent":
+                    raise
+                log.info("pool %s: no agent (%s); using plain exec", self.name, exc)
+        runner = ExecRunner(self.engine, cid)
+        await runner.start(self._nursery)
+        self.mode = "exec"
+        return runner
+
+    async def _watch_forever(self) -> None:
+        """Notice dead containers (killed, engine restarted) and shrink idle ones."""
+        while True:
+            await trio.sleep(self.watch_interval)
+            now = time.monotonic()
+            surplus = len(self._idle) - self.min_idle
+            for c in list(self._idle):
+                if surplus <= 0:
+                    break
+                if now - c.last_used > self.idle_ttl:
+                    self._retire(c)
+                    surplus -= 1
+            for c in list(self._containers.values()):
+                if not c.runner.alive and c.state == "idle":
+                    self._retire(c)
+            try:
+                with trio.fail_after(self.engine.call_timeout):
+                    running = {
+                        info.id for info in await self.engine.containers(
+                            {"ufaas.pool": self.name, "ufaas.instance": self.instance})
+                        if info.state == "running"
+                    }
+            except (EngineError, trio.TooSlowError):
+                running = set()
+            for c in list(self._containers.values()):
+                if c.id not in running:
+                    c.runner.alive = False
+                    if c.state == "idle":
+                        self._retire(c)
+            self._wake.set()
+
+
+def pool_name(image: str, profile: Profile) -> str:
+    """A stable, readable pool name: the image, plus a digest when the profile is custom."""
+    if profile == Profile():
+        return image
+    digest = hashlib.sha256(repr(profile).encode()).hexdigest()[:8]
+    return f"{image}@{digest}"
+
+
+class Pools:
+    """All pools of one server instance, keyed by image and profile.
+
+    ``home`` names the state the instance belongs to (say, its database): containers
+    left by an earlier instance with the same home are removed at start.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        home: str = "default",
+        instance: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        min_idle: int = DEFAULT_MIN_IDLE,
+        max: int = DEFAULT_MAX,
+        idle_ttl: float = DEFAULT_IDLE_TTL,
+        watch_interval: float = DEFAULT_WATCH_INTERVAL,
+    ) -> None:
+        self.engine = engine
+        self.home = home
+        self.instance = instance or uuid.uuid4().hex[:12]
+        self.labels = {**(labels or {}), "ufaas.home": home}
+        self.defaults = {"min_idle": min_idle, "max": max, "idle_ttl": idle_ttl,
+                         "watch_interval": watch_interval}
+        self._pools: dict[tuple[str, Profile], Pool] = {}
+        self._starting: dict[tuple[str, Profile], trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[Pools] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Remove stale containers of this home, then own the pools until cancelled."""
+        await self.remove_stale()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                try:
+                    for info in await self.engine.containers({"ufaas.instance": self.instance}):
+                        await self.engine.remove(info.id)
+                except EngineError:
+                    pass
+
+    async def remove_stale(self) -> int:
+        """Remove containers of earlier instances of this home; return how many."""
+        try:
+            found = await self.engine.containers({"ufaas.home": self.home})
+        except EngineError as exc:
+            log.warning("could not look for stale containers: %s", exc)
+            return 0
+        stale = [c for c in found if c.labels.get("ufaas.instance") != self.instance]
+        async with trio.open_nursery() as nursery:
+            for c in stale:
+                nursery.start_soon(self.engine.remove, c.id)
+        return len(stale)
+
+    async def add(self, image: str, profile: Profile | None = None, **settings: object) -> Pool:
+        """Start the pool for ``image`` and ``profile`` if it does not run yet; return it."""
+        profile = profile or Profile()
+        key = (image, profile)
+        while key not in self._pools:
+            if key in self._starting:
+                await self._starting[key].wait()
+                continue
+            if self._nursery is None:
+                raise PoolClosed("pools are not being served")
+            done = self._starting[key] = trio.Event()
+            try:
+                options = {**self.defaults, **settings}
+                pool = Pool(self.engine, image, profile, name=pool_name(image, profile),
+                            instance=self.instance, labels=self.labels, **options)  # type: ignore[arg-type]
+                self._pools[key] = await self._nursery.start(pool.serve)
+            finally:
+                del self._starting[key]
+                done.set()
+        return self._pools[key]
+
+    def get(self, image: str, profile: Profile | None = None) -> Pool | None:
+        return self._pools.get((image, profile or Profile()))
+
+    def find(self, cid: str) -> Pool | None:
+        """The pool that owns container ``cid``, if any."""
+        for pool in self._pools.values():
+            if pool.container(cid) is not None:
+                return pool
+        return None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._pools.values()))

@@ -1,0 +1,409 @@
+"""How a function runs inside one container: through the agent, or through plain exec.
+
+Both runners have the same surface (``start``, ``run``, ``drop``, ``alive``, ``aclose``)
+and the same behaviour: files, env, stdin, live capped output, timeout, cancel, and no
+process left behind. The pool decides once per image which one its containers use.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shlex
+import struct
+import tarfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from ._docker import Engine, EngineError, ExecStream
+from ._types import File, Job, Result
+
+log = logging.getLogger("pool")
+
+WORKDIR_ROOT = "/tmp/ufaas"
+AGENT_SOURCE = (Path(__file__).with_name("_agent.py")).read_text()
+AGENT_ARGV = ["python3", "-I", "-c", AGENT_SOURCE]
+_HEAD = struct.Struct(">II")
+# Beyond the function's own timeout, how long we wait for its end before calling the
+# container broken.
+KILL_GRACE = 3.0
+START_TIMEOUT = 20.0
+
+OnOutput = Callable[[int, bytes], None]
+
+
+class NoAgent(Exception):
+    """The image cannot run the agent (no python3): use plain exec instead."""
+
+
+class ContainerLost(Exception):
+    """The container or its agent stopped answering."""
+
+
+class Output:
+    """stdout and stderr of one run, each capped; forwards every kept chunk live."""
+
+    def __init__(self, cap: int, on_output: OnOutput | None) -> None:
+        self.cap = cap
+        self.parts: dict[int, list[bytes]] = {1: [], 2: []}
+        self.sizes = {1: 0, 2: 0}
+        self.truncated = False
+        self.on_output = on_output
+
+    def add(self, fd: int, data: bytes) -> None:
+        if fd not in self.parts:
+            return
+        room = self.cap - self.sizes[fd]
+        if len(data) > room:
+            data = data[:max(room, 0)]
+            self.truncated = True
+        if not data:
+            return
+        self.parts[fd].append(data)
+        self.sizes[fd] += len(data)
+        if self.on_output is not None:
+            self.on_output(fd, data)
+
+    def fill(self, result: Result) -> Result:
+        result.stdout = b"".join(self.parts[1])
+        result.stderr = b"".join(self.parts[2])
+        result.truncated = result.truncated or self.truncated
+        return result
+
+
+class Runner(Protocol):
+    alive: bool
+
+    async def start(self, nursery: trio.Nursery) -> None: ...
+
+    async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None) -> Result: ...
+
+    async def drop(self, workdir: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _AgentRun:
+    def __init__(self, output: Output) -> None:
+        self.output = output
+        self.done = trio.Event()
+        self.exit: dict | None = None
+
+
+class AgentRunner:
+    """Talks to the in-container agent over one held-open exec stream.
+
+    After ``start`` no Docker API call is made per function: a run is one message out
+    and a few back.
+    """
+
+    def __init__(self, engine: Engine, cid: str) -> None:
+        self.engine = engine
+        self.cid = cid
+        self.alive = False
+        self.tainted = False
+        self._stream: ExecStream | None = None
+        self._exec_id = ""
+        self._buf = bytearray()
+        self._runs: dict[str, _AgentRun] = {}
+        self._lost = trio.Event()
+        self.agent_stderr = bytearray()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the agent; raise NoAgent when the image has no usable python3."""
+        with trio.fail_after(START_TIMEOUT):
+            self._exec_id = await self.engine.exec_create(self.cid, AGENT_ARGV)
+            self._stream = await self.engine.exec_open(self._exec_id)
+            await self._send({"op": "hello"})
+            hello = await self._next_frame()
+        if hello is None or hello[0].get("ev") != "hello":
+            await self._stream.aclose()
+            info = await self.engine.exec_inspect(self._exec_id)
+            raise NoAgent(f"agent did not start (exit {info.get('ExitCode')}): "
+                          f"{bytes(self.agent_stderr[-300:]).decode(errors='replace')}")
+        self.alive = True
+        nursery.start_soon(self._read_forever)
+
+    async def _send(self, header: dict, body: bytes = b"") -> None:
+        assert self._stream is not None
+        data = json.dumps(header, separators=(",", ":")).encode()
+        await self._stream.send(_HEAD.pack(len(data), len(body)) + data + body)
+
+    async def _next_frame(self) -> tuple[dict, bytes] | None:
+        assert self._stream is not None
+        while True:
+            if len(self._buf) >= _HEAD.size:
+                hlen, blen = _HEAD.unpack_from(self._buf)
+                end = _HEAD.size + hlen + blen
+                if len(self._buf) >= end:
+                    header = json.loads(bytes(self._buf[_HEAD.size:_HEAD.size + hlen]))
+                    body = bytes(self._buf[_HEAD.size + hlen:end])
+                    del self._buf[:end]
+                    return header, body
+            got = await self._stream.receive()
+            if got is None:
+                return None
+            fd, data = got
+            if fd == 1:
+                self._buf += data
+            elif len(self.agent_stderr) < 65536:
+                self.agent_stderr += data
+
+    async def _read_forever(self) -> None:
+        try:
+            while True:
+                frame = await self._next_frame()
+                if frame is None:
+                    break
+                header, body = frame
+                run = self._runs.get(header.get("id", ""))
+                ev = header.get("ev")
+                if ev == "out" and run is not None:
+                    run.output.add(header["fd"], body)
+                elif ev == "exit" and run is not None:
+                    run.exit = header
+                    run.done.set()
+                elif ev == "error":
+                    log.warning("agent in %s: %s", self.cid[:12], header.get("message"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as exc:
+            log.info("agent stream of %s ended: %s", self.cid[:12], exc)
+        finally:
+            self.alive = False
+            self._lost.set()
+            for run in self._runs.values():
+                run.done.set()
+
+    async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None) -> Result:
+        if not self.alive:
+            raise ContainerLost("agent is not running")
+        rid = job.id or uuid.uuid4().hex
+        run = _AgentRun(Output(job.output_cap, on_output))
+        self._runs[rid] = run
+        files = [{"path": f.path, "size": len(f.data), "mode": f.mode} for f in job.files]
+        body = b"".join(f.data for f in job.files) + (job.stdin or b"")
+        header = {
+            "op": "run", "id": rid, "argv": job.argv, "env": job.env, "workdir": workdir,
+            "files": files, "timeout": job.timeout, "stdin_eof": True,
+            "cap": job.output_cap,
+        }
+        try:
+            await self._send(header, body)
+            with trio.move_on_after(job.timeout + KILL_GRACE):
+                await run.done.wait()
+            if not run.done.is_set():
+                # The agent should have killed it at the deadline; ask once more.
+                with trio.CancelScope(shield=True):
+                    await self._stop(rid, run)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._stop(rid, run)
+            raise
+        finally:
+            self._runs.pop(rid, None)
+        return self._result(run)
+
+    async def _stop(self, rid: str, run: _AgentRun) -> None:
+        """Cancel a run and wait briefly for its end; taint the container if it won't end."""
+        if run.done.is_set():
+            return
+        with trio.move_on_after(KILL_GRACE):
+            try:
+                await self._send({"op": "cancel", "id": rid})
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            await run.done.wait()
+        if not run.done.is_set() or run.exit is None:
+            self.tainted = True
+
+    def _result(self, run: _AgentRun) -> Result:
+        ex = run.exit
+        if ex is None:
+            self.tainted = True
+            why = "container stopped" if not self.alive else "agent did not answer"
+            return run.output.fill(Result("error", error=f"{why} while the function ran"))
+        if not ex.get("clean", True):
+            self.tainted = True
+        if "refused" in ex:
+            return Result("refused", error=ex["refused"])
+        if "error" in ex:
+            return run.output.fill(Result("error", error=ex["error"]))
+        outcome = "exited"
+        if ex.get("timed_out"):
+            outcome = "timeout"
+            self.tainted = True
+        elif ex.get("cancelled"):
+            outcome = "cancelled"
+        truncated = any((ex.get("truncated") or {}).values())
+        return run.output.fill(Result(
+            outcome, exit_code=ex.get("exit_code"), signal=ex.get("signal"),
+            duration_ms=ex.get("duration_ms"), truncated=truncated, oom=bool(ex.get("oom")),
+        ))
+
+    async def cancel(self, rid: str) -> None:
+        if self.alive:
+            await self._send({"op": "cancel", "id": rid})
+
+    async def drop(self, workdir: str) -> None:
+        if self.alive:
+            await self._send({"op": "drop", "workdir": workdir})
+
+    async def aclose(self) -> None:
+        self.alive = False
+        if self._stream is not None:
+            await self._stream.aclose()
+
+
+# Kill every process but the protected ones and this shell: nothing of a function may
+# outlive it. $PROT is filled in once per container.
+_KILL_OTHERS = (
+    'for d in /proc/[0-9]*; do p=${d#/proc/}; case " $PROT $$ " in *" $p "*) ;; '
+    '*) kill -9 "$p" 2>/dev/null;; esac; done'
+)
+
+
+class ExecRunner:
+    """Runs each function as a plain ``docker exec`` (images without python3).
+
+    Costs three engine calls per function (create, start, inspect), plus one to deliver
+    files, against the agent's none.
+    """
+
+    def __init__(self, engine: Engine, cid: str) -> None:
+        self.engine = engine
+        self.cid = cid
+        self.alive = False
+        self.tainted = False
+        self.protected = "1"
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        code, out, err = await self._exec(["sh", "-c", "cd /proc && echo [0-9]*; echo $$"])
+        lines = out.decode().split()
+        if code != 0 or not lines:
+            raise EngineError(f"container does not run sh: {err[-200:]!r}")
+        me = lines[-1]
+        self.protected = " ".join(sorted({p for p in lines[:-1] if p != me} | {"1"}))
+        self.alive = True
+
+    async def _exec(self, argv: list[str], stdin: bytes = b"",
+                    env: dict[str, str] | None = None) -> tuple[int | None, bytes, bytes]:
+        output = Output(1 << 20, None)
+        code = await self._exec_stream(argv, stdin, env, output)
+        return code, b"".join(output.parts[1]), b"".join(output.parts[2])
+
+    async def _exec_stream(self, argv: list[str], stdin: bytes, env: dict[str, str] | None,
+                           output: Output) -> int | None:
+        exec_id = await self.engine.exec_create(self.cid, argv, env=env)
+        stream = await self.engine.exec_open(exec_id)
+        try:
+            if stdin:
+                await stream.send(stdin)
+            await stream.close_stdin()
+            while (got := await stream.receive()) is not None:
+                output.add(*got)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+        info = await self.engine.exec_inspect(exec_id)
+        return info.get("ExitCode")
+
+    async def _kill_others(self) -> None:
+        with trio.move_on_after(KILL_GRACE) as scope:
+            await self._exec(["sh", "-c", f"PROT='{self.protected}'; {_KILL_OTHERS}"])
+        if scope.cancelled_caught:
+            self.tainted = True
+
+    async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None) -> Result:
+        wd = f"{WORKDIR_ROOT}/{workdir}"
+        if job.files:
+            refused = await self._put_files(wd, job.files)
+            if refused:
+                return Result("refused", error=refused)
+        env = {"UFAAS_WORKDIR": wd, "HOME": wd, "PWD": wd, **job.env}
+        script = (f'mkdir -p "$0" && cd "$0" || exit 126; "$@"; rc=$?; PROT=\'{self.protected}\'; '
+                  f"{_KILL_OTHERS}; exit $rc")
+        output = Output(job.output_cap, on_output)
+        started = time.monotonic()
+        outcome = "exited"
+        code: int | None = None
+        try:
+            with trio.move_on_after(job.timeout) as deadline:
+                code = await self._exec_stream(["sh", "-c", script, wd, *job.argv],
+                                               job.stdin or b"", env, output)
+            if deadline.cancelled_caught:
+                outcome = "timeout"
+                self.tainted = True
+                with trio.CancelScope(shield=True):
+                    await self._kill_others()
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await self._kill_others()
+            raise
+        duration = (time.monotonic() - started) * 1000.0
+        result = Result(outcome, duration_ms=round(duration, 3))
+        if outcome == "exited":
+            if code is None:
+                result = Result("error", error="exec ended without an exit code")
+            elif code > 128 and code <= 128 + 64:
+                if code == 137 and not await self._container_running():
+                    self.alive = False
+                    result = Result("error", error="container stopped while the function ran")
+                else:
+                    result.signal = code - 128
+            else:
+                result.exit_code = code
+        return output.fill(result)
+
+    async def _container_running(self) -> bool:
+        try:
+            info = await self.engine.inspect(self.cid)
+        except EngineError:
+            return False
+        return bool(info.get("State", {}).get("Running"))
+
+    async def _put_files(self, wd: str, files: list[File]) -> str | None:
+        # Refuse to write through a symlink left by an earlier function in this workdir.
+        parents = sorted({"/".join(f.path.split("/")[:i])
+                          for f in files for i in range(1, f.path.count("/") + 1)})
+        checks = "".join(
+            f'if [ -L {shlex.quote(p)} ] || {{ [ -e {shlex.quote(p)} ] && '
+            f'[ ! -d {shlex.quote(p)} ]; }}; then echo {shlex.quote(p)}: '
+            f'not a directory inside the working directory >&2; exit 3; fi; '
+            for p in parents
+        )
+        checks += "".join(f"if [ -L {shlex.quote(f.path)} ]; then rm -f {shlex.quote(f.path)};"
+                          " fi; " for f in files)
+        script = f'umask 077; mkdir -p "$0" && cd "$0" || exit 126; {checks}exec tar -xf -'
+        code, _, err = await self._exec(["sh", "-c", script, wd], stdin=tar_files(files))
+        if code == 3:
+            return err.decode(errors="replace").strip()
+        if code != 0:
+            raise EngineError(f"could not deliver files (exit {code}): {err[-300:]!r}")
+        return None
+
+    async def cancel(self, rid: str) -> None:
+        await self._kill_others()
+
+    async def drop(self, workdir: str) -> None:
+        await self._exec(["rm", "-rf", f"{WORKDIR_ROOT}/{workdir}"])
+
+    async def aclose(self) -> None:
+        self.alive = False
+
+
+def tar_files(files: list[File]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        now = time.time()
+        for f in files:
+            info = tarfile.TarInfo(f.path)
+            info.size = len(f.data)
+            info.mode = f.mode
+            info.mtime = now
+            tar.addfile(info, io.BytesIO(f.data))
+    return buf.getvalue()

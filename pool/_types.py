@@ -1,0 +1,119 @@
+"""Plain values shared by the pool: container profiles, jobs and their results."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+
+MiB = 1 << 20
+DEFAULT_OUTPUT_CAP = 1 * MiB
+
+
+class BadFile(ValueError):
+    """A file would land outside the function's working directory."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Container settings that every container of a pool shares."""
+
+    memory: int = 512 * MiB
+    cpus: float = 1.0
+    pids: int = 256
+    network: bool = False
+    user: str = "65534:65534"
+    workdir_size: int = 256 * MiB
+
+    def __post_init__(self) -> None:
+        uid, _, gid = self.user.partition(":")
+        if not uid.isdigit() or (gid and not gid.isdigit()):
+            raise ValueError(f"profile user must be numeric 'uid:gid', not {self.user!r}")
+        if self.memory < 16 * MiB or self.pids < 8 or self.cpus <= 0:
+            raise ValueError("profile limits too small: memory >= 16 MiB, pids >= 8, cpus > 0")
+
+
+def check_path(path: str) -> str:
+    """Return ``path`` if it is a plain relative path with no ``..``; else raise BadFile."""
+    if not isinstance(path, str) or not path:
+        raise BadFile("path is empty")
+    if "\x00" in path:
+        raise BadFile(f"{path!r}: contains a NUL byte")
+    if path.startswith("/"):
+        raise BadFile(f"{path!r}: absolute paths are not allowed")
+    parts = path.split("/")
+    if any(p in ("..",) for p in parts):
+        raise BadFile(f"{path!r}: '..' is not allowed")
+    if any(p in ("", ".") for p in parts) or posixpath.normpath(path) != path:
+        raise BadFile(f"{path!r}: not a normalised relative path")
+    if len(path) > 1024 or any(len(p) > 255 for p in parts):
+        raise BadFile(f"{path[:40]!r}...: too long")
+    return path
+
+
+@dataclass(frozen=True)
+class File:
+    """A file to place in the working directory before the command runs."""
+
+    path: str
+    data: bytes
+    mode: int = 0o644
+
+    def __post_init__(self) -> None:
+        check_path(self.path)
+        if not 0 <= self.mode <= 0o777:
+            raise BadFile(f"{self.path!r}: mode {self.mode:o} out of range")
+
+
+def check_files(files: list[File]) -> None:
+    """Refuse a set of files where one path is also used as another's directory."""
+    paths = {f.path for f in files}
+    if len(paths) != len(files):
+        raise BadFile("the same path is given twice")
+    for f in files:
+        parts = f.path.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in paths:
+                raise BadFile(f"{prefix!r} is a file and also the directory of {f.path!r}")
+
+
+@dataclass
+class Job:
+    """One function to run in a leased container."""
+
+    argv: list[str]
+    files: list[File] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    stdin: bytes | None = None
+    timeout: float = 30.0
+    output_cap: int = DEFAULT_OUTPUT_CAP
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a function ran: its container and working directory, for a locality follow-up."""
+
+    container: str
+    workdir: str
+
+
+@dataclass
+class Result:
+    """How a function ended.
+
+    ``outcome`` is one of ``exited`` (see ``exit_code``/``signal``), ``timeout``,
+    ``cancelled``, ``refused`` (bad files: nothing ran) or ``error`` (the container or the
+    engine failed; ``error`` says why).
+    """
+
+    outcome: str
+    exit_code: int | None = None
+    signal: int | None = None
+    duration_ms: float | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    truncated: bool = False
+    oom: bool = False
+    error: str | None = None
+    place: Place | None = None
