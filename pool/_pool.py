@@ -170,7 +170,7 @@ class Pool:
         self._failed_starts = 0
         self._last_error: str | None = None
         self._wake = trio.Event()
-        self._warm = trio.Event()
+        self._parked = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._closed = False
 
@@ -210,7 +210,7 @@ class Pool:
         count = self.min_idle if count is None else count
         with trio.fail_after(timeout):
             while len(self._idle) < count:
-                await trio.sleep(0.01)
+                await self._parked.wait()
 
     def statistics(self) -> PoolStatistics:
         busy = sum(1 for c in self._containers.values() if c.state == "busy")
@@ -249,7 +249,9 @@ class Pool:
             raise PoolClosed("pool is shutting down")
         if near is not None:
             c = self._containers.get(near.container)
-            if c is not None and c.state != "dead" and near.workdir in c.workdirs:
+            if c is not None and not c.runner.alive:
+                self._retire(c)
+            elif c is not None and c.state != "dead" and near.workdir in c.workdirs:
                 if c.state == "idle":
                     self._take(c)
                     return c, True
@@ -260,6 +262,8 @@ class Pool:
                     self._release(got)
             if strict:
                 raise PoolError("the container of that function is gone")
+        while self._idle and not self._idle[-1].runner.alive:
+            self._retire(self._idle[-1])
         if self._idle:
             c = self._idle.pop()  # the most recently used: its caches are warmest
             self._take(c)
@@ -317,8 +321,8 @@ class Pool:
                 return
         c.state = "idle"
         self._idle.append(c)
-        if len(self._idle) >= self.min_idle:
-            self._warm.set()
+        self._parked.set()
+        self._parked = trio.Event()
 
     def _retire(self, c: Container) -> None:
         """Take a container out of service and remove it in the background."""

@@ -378,7 +378,7 @@ class ExecRunner:
         )
         checks += "".join(f"if [ -L {shlex.quote(f.path)} ]; then rm -f {shlex.quote(f.path)};"
                           " fi; " for f in files)
-        script = f'umask 077; mkdir -p "$0" && cd "$0" || exit 126; {checks}exec tar -xf -'
+        script = f'umask 077; mkdir -p "$0" && cd "$0" || exit 126; {checks}umask 0; exec tar -xf -'
         code, _, err = await self._exec(["sh", "-c", script, wd], stdin=tar_files(files))
         if code == 3:
             return err.decode(errors="replace").strip()

@@ -1,0 +1,325 @@
+"""The pool library against the real engine, through both run paths (agent and exec)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+import docker.errors
+import pytest
+import trio
+
+from pool import BadFile, Engine, File, Job, Place, Pool, PoolError, Pools, Profile
+
+# Small limits keep the bombs quick and the machine responsive.
+PROFILE = Profile(memory=128 << 20, pids=64, workdir_size=32 << 20)
+
+
+@pytest.fixture(params=["python", "busybox"])
+def image(request, images):
+    return getattr(images, request.param)
+
+
+@pytest.fixture
+async def engine():
+    eng = Engine()
+    yield eng
+    await eng.aclose()
+
+
+@asynccontextmanager
+async def serving(engine, image, test_id, test_labels, **kw):
+    kw.setdefault("min_idle", 1)
+    kw.setdefault("max", 2)
+    kw.setdefault("profile", PROFILE)
+    async with trio.open_nursery() as nursery:
+        pool = Pool(engine, image, instance=f"{test_id}-pool", labels=test_labels,
+                    watch_interval=0.5, **kw)
+        await nursery.start(pool.serve)
+        await pool.wait_warm(timeout=30)
+        yield pool
+        nursery.cancel_scope.cancel()
+
+
+async def run(pool, job, near=None, **kw):
+    async with pool.lease(near, **kw) as lease:
+        return lease, await lease.run(job)
+
+
+def procs_script(name: str) -> str:
+    # Lists processes whose command line mentions `name`; works on busybox and Debian.
+    # The bracket keeps this script's own command line from matching.
+    return (f'for p in /proc/[0-9]*; do tr "\\0" " " < $p/cmdline 2>/dev/null; echo; done '
+            f'| grep -c "[{name[0]}]{name[1:]}" || true')
+
+
+async def test_warm_pool_runs_echo(engine, image, images, test_id, test_labels):
+    with trio.fail_after(60):
+        async with serving(engine, image, test_id, test_labels, min_idle=2, max=3) as pool:
+            stats = pool.statistics()
+            assert stats.idle == 2
+            assert pool.mode == ("agent" if image == images.python else "exec")
+            _, result = await run(pool, Job(["echo", "hi"]))
+            assert (result.outcome, result.exit_code, result.stdout) == ("exited", 0, b"hi\n")
+            _, result = await run(pool, Job(["sh", "-c", "exit 3"]))
+            assert (result.outcome, result.exit_code) == ("exited", 3)
+            _, result = await run(pool, Job(["no-such-command-here"]))
+            assert result.exit_code in (126, 127)
+
+
+async def test_files_env_stdin(engine, image, test_id, test_labels):
+    files = [File("main.txt", "héllo\n".encode()), File("bin/run.sh", b"#!/bin/sh\necho ran $1\n",
+                                                          0o755),
+             File("data.bin", bytes(range(256)), 0o600)]
+    script = ('cat main.txt; ./bin/run.sh ok; echo "$GREETING"; cat; '
+              'stat -c "%a %s" bin/run.sh data.bin; echo "$UFAAS_WORKDIR" "$PWD"')
+    job = Job(["sh", "-c", script], files=files, env={"GREETING": "hey there"},
+              stdin=b"from stdin\n")
+    with trio.fail_after(60):
+        async with serving(engine, image, test_id, test_labels) as pool:
+            _, result = await run(pool, job)
+    lines = result.stdout.decode().splitlines()
+    assert result.exit_code == 0, result.stderr
+    assert lines[:4] == ["héllo", "ran ok", "hey there", "from stdin"]
+    assert lines[4:6] == ["755 22", "600 256"]
+    workdir, pwd = lines[6].split()
+    assert workdir == pwd and workdir.startswith("/tmp/ufaas/")
+
+
+def test_bad_paths_refused_before_anything_runs():
+    for bad in ("../x", "/etc/x", "a/../../x", "a\x00b", "", "x" * 4096, "./x", "a//b"):
+        with pytest.raises(BadFile):
+            File(bad, b"")
+
+
+async def test_symlink_and_raw_paths_refused_in_container(engine, image, test_id, test_labels):
+    with trio.fail_after(60):
+        async with serving(engine, image, test_id, test_labels, max=1) as pool:
+            # A function leaves symlinks pointing outside its working directory...
+            lease, first = await run(pool, Job(["sh", "-c", "mkdir -p /tmp/outside && "
+                                                "ln -s /tmp/outside evil && ln -s /etc etc"]))
+            assert first.exit_code == 0, first.stderr
+            # ...and its locality follow-up tries to write through them.
+            for path in ("evil/x", "etc/passwd-x"):
+                _, result = await run(pool, Job(["true"], files=[File(path, b"owned")]),
+                                      near=first.place)
+                assert result.outcome == "refused", result
+                assert path.split("/")[0] in result.error
+            # A path the host would refuse is refused by the container too (agent defence).
+            if pool.mode == "agent":
+                sneaky = File("ok", b"owned")
+                object.__setattr__(sneaky, "path", "../sneaky")
+                _, result = await run(pool, Job(["true"], files=[sneaky]))
+                assert result.outcome == "refused"
+            _, check = await run(pool, Job(["sh", "-c", "ls -A /tmp/outside; ls /tmp/ufaas/.. "
+                                            ">/dev/null; find / -name 'sneaky' -o -name "
+                                            "'passwd-x' 2>/dev/null | grep -v ^/proc"]),
+                                 near=first.place)
+            assert check.stdout == b"", check.stdout
+
+
+async def test_timeout_kills_process_group(engine, image, test_id, test_labels):
+    with trio.fail_after(60):
+        async with serving(engine, image, test_id, test_labels) as pool:
+            start = time.monotonic()
+            lease, result = await run(pool, Job(["sh", "-c", "sleep 100 & sleep 100; echo no"],
+                                                timeout=1))
+            elapsed = time.monotonic() - start
+            assert result.outcome == "timeout"
+            assert elapsed < 2.0, elapsed
+            assert result.stdout == b""
+            # A timed-out container is replaced, and the pool stays healthy.
+            assert pool.container(lease.container.id) is None
+            _, ok = await run(pool, Job(["echo", "fine"]))
+            assert ok.stdout == b"fine\n"
+
+
+async def test_cancel_kills_function(engine, image, test_id, test_labels):
+    with trio.fail_after(60):
+        async with serving(engine, image, test_id, test_labels, max=1) as pool:
+            place = None
+            start = time.monotonic()
+            with trio.move_on_after(1):
+                async with pool.lease() as lease:
+                    place = lease.place
+                    await lease.run(Job(["sh", "-c", "sleep 100 & sleep 100"], timeout=60))
+            assert time.monotonic() - start < 2.0
+            _, check = await run(pool, Job(["sh", "-c", procs_script("sleep 100")]), near=place)
+            assert check.stdout.strip() == b"0", check
+            assert check.place.container == place.container
+
+
+async def test_output_is_live_and_ordered(engine, image, test_id, test_labels):
+    seen: list[tuple[float, int, bytes]] = []
+    job = Job(["sh", "-c", "echo a; echo err >&2; sleep 2; echo b; for i in $(seq 1 500); "
+               "do echo line$i; done"])
+    with trio.fail_after(60):
+        async with serving(engine, image, test_id, test_labels) as pool:
+            async with pool.lease() as lease:
+                result = await lease.run(job, lambda fd, data: seen.append(
+                    (time.monotonic(), fd, data)))
+                ended = time.monotonic()
+    first = next(t for t, fd, data in seen if fd == 1)
+    assert ended - first >= 1.5
+    expected = "a\nb\n" + "".join(f"line{i}\n" for i in range(1, 501))
+    assert b"".join(d for _, fd, d in seen if fd == 1).decode() == expected
+    assert result.stdout.decode() == expected
+    assert result.stderr == b"err\n"
+
+
+async def test_unrelated_functions_are_isolated(engine, image, test_id, test_labels):
+    with trio.fail_after(60):
+        async with serving(engine, image, test_id, test_labels, max=1) as pool:
+            _, first = await run(pool, Job(
+                ["sh", "-c", "echo s3cret > secret.txt; (sleep 300 &) ; sleep 300 & echo ok"],
+                files=[File("given.txt", b"given")]))
+            assert first.exit_code == 0
+            # Same container (max=1), unrelated function: no files, no processes.
+            _, other = await run(pool, Job(["sh", "-c", "ls /tmp/ufaas; find / -name "
+                                            "'secret.txt' 2>/dev/null; pwd; ls -A; "
+                                            + procs_script("sleep 300")]))
+            assert other.place.container == first.place.container
+            assert other.place.workdir != first.place.workdir
+            out = other.stdout.decode()
+            assert "secret.txt" not in out and "given.txt" not in out
+            assert out.strip().endswith("0"), out
+            # A locality follow-up sees its predecessor's files.
+            lease, follow = await run(pool, Job(["cat", "secret.txt", "given.txt"]),
+                                      near=first.place)
+            assert lease.hit is True
+            assert follow.stdout == b"s3cret\ngiven"
+
+
+async def test_locality_waits_for_busy_container_and_misses_when_gone(
+        engine, images, test_id, test_labels, docker_client):
+    with trio.fail_after(60):
+        async with serving(engine, images.python, test_id, test_labels, max=2) as pool:
+            _, first = await run(pool, Job(["sh", "-c", "echo x > f"]))
+            order = []
+
+            async def busy():
+                async with pool.lease(first.place) as lease:
+                    order.append("busy-start")
+                    await lease.run(Job(["sleep", "1"]))
+                    order.append("busy-end")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(busy)
+                await trio.sleep(0.3)
+                lease, second = await run(pool, Job(["cat", "f"]), near=first.place)
+                order.append("second")
+            assert lease.hit is True and second.stdout == b"x\n"
+            assert order == ["busy-start", "busy-end", "second"]
+            docker_client.containers.get(first.place.container).remove(force=True)
+            while pool.container(first.place.container) is not None:
+                await trio.sleep(0.05)
+            with pytest.raises(PoolError):
+                await run(pool, Job(["true"]), near=first.place, strict=True)
+            lease, third = await run(pool, Job(["echo", "elsewhere"]), near=first.place)
+            assert lease.hit is False and third.stdout == b"elsewhere\n"
+            assert Place(lease.container.id, "x") != first.place
+
+
+async def test_runaway_code(engine, images, image, test_id, test_labels):
+    with trio.fail_after(120):
+        async with serving(engine, image, test_id, test_labels) as pool:
+            _, bomb = await run(pool, Job(["sh", "-c", "f() { f | f & }; f; sleep 3"],
+                                          timeout=4))
+            assert bomb.outcome in ("exited", "timeout"), bomb
+            _, flood = await run(pool, Job(["sh", "-c", "yes | head -c 5000000; "
+                                            "yes err | head -c 5000000 >&2"],
+                                           output_cap=64 << 10))
+            assert flood.truncated and flood.exit_code == 0
+            assert len(flood.stdout) == len(flood.stderr) == 64 << 10
+            if image == images.python:
+                _, oom = await run(pool, Job(["python3", "-c", "b = []\nwhile True: "
+                                              "b.append(bytearray(10 ** 7))"], timeout=20))
+                assert oom.outcome == "exited" and oom.signal == 9, oom
+                assert oom.oom is True
+            _, ok = await run(pool, Job(["echo", "still fine"]))
+            assert ok.stdout == b"still fine\n"
+
+
+async def test_dead_container_is_replaced(engine, images, test_id, test_labels, docker_client):
+    with trio.fail_after(60):
+        async with serving(engine, images.python, test_id, test_labels, min_idle=1) as pool:
+            async with trio.open_nursery() as nursery:
+                async def victim():
+                    async with pool.lease() as lease:
+                        nursery.start_soon(kill_soon, lease.container.id)
+                        return_box.append(await lease.run(Job(["sleep", "30"])))
+                return_box: list = []
+
+                async def kill_soon(cid):
+                    await trio.sleep(0.5)
+                    await trio.to_thread.run_sync(
+                        lambda: docker_client.containers.get(cid).kill())
+                nursery.start_soon(victim)
+            [result] = return_box
+            assert result.outcome == "error", result
+            idle_before = {c.id for c in pool._idle}
+            for cid in idle_before:
+                docker_client.containers.get(cid).kill()
+            while not (pool._idle and {c.id for c in pool._idle}.isdisjoint(idle_before)):
+                await trio.sleep(0.1)
+            _, ok = await run(pool, Job(["echo", "back"]))
+            assert ok.stdout == b"back\n"
+
+
+async def test_queueing_in_arrival_order(engine, images, test_id, test_labels):
+    with trio.fail_after(60):
+        async with serving(engine, images.python, test_id, test_labels, max=1) as pool:
+            finished = []
+
+            async def one(i):
+                _, r = await run(pool, Job(["echo", str(i)]))
+                finished.append(int(r.stdout))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(6):
+                    nursery.start_soon(one, i)
+                    await trio.sleep(0.01)
+            assert finished == list(range(6))
+            assert pool.statistics().total == 1
+
+
+async def test_pools_clean_up_everything(engine, images, test_id, test_labels, docker_client):
+    label = f"ufaas.instance={test_id}-pools"
+    with trio.fail_after(60):
+        # A container of an earlier instance of the same home is removed at start.
+        stale = docker_client.containers.create(
+            images.busybox, ["sleep", "60"],
+            labels={**test_labels, "ufaas.home": test_id, "ufaas.instance": f"{test_id}-old"})
+        async with trio.open_nursery() as nursery:
+            pools = Pools(engine, home=test_id, instance=f"{test_id}-pools",
+                          labels=test_labels, min_idle=1, max=2)
+            await nursery.start(pools.serve)
+            with pytest.raises(docker.errors.NotFound):
+                stale.reload()
+            python = await pools.add(images.python, PROFILE)
+            busybox = await pools.add(images.busybox, PROFILE)
+            assert await pools.add(images.python, PROFILE) is python
+            await python.wait_warm()
+            await busybox.wait_warm()
+            assert len(docker_client.containers.list(filters={"label": label})) == 2
+            nursery.cancel_scope.cancel()
+    assert docker_client.containers.list(all=True, filters={"label": label}) == []
+
+
+async def test_hardening(engine, images, test_id, test_labels, docker_client):
+    with trio.fail_after(60):
+        async with serving(engine, images.python, test_id, test_labels) as pool:
+            (c,) = pool._idle
+            attrs = docker_client.containers.get(c.id).attrs
+            _, result = await run(pool, Job(["sh", "-c", "id -u; cat /proc/self/status | "
+                                            "grep CapEff"]))
+    host = attrs["HostConfig"]
+    assert host["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["PidsLimit"] == PROFILE.pids
+    assert host["Memory"] == host["MemorySwap"] == PROFILE.memory
+    assert host["NetworkMode"] == "none"
+    assert not host.get("Binds") and not attrs.get("Mounts")
+    assert host["LogConfig"]["Config"].get("max-size")
+    assert attrs["Config"]["User"] == "65534:65534"
+    assert result.stdout.decode().split() == ["65534", "CapEff:", "0000000000000000"]
