@@ -62,7 +62,8 @@ def build_python(name: str = PYTHON) -> None:
             check=True, stdout=subprocess.DEVNULL,
         )
         # Keep the image small: package caches and docs are not needed to run code.
-        for junk in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man", "usr/share/locale"):
+        junk_dirs = ("var/cache/apt/archives", "usr/share/doc", "usr/share/man", "usr/share/locale")
+        for junk in junk_dirs:
             shutil.rmtree(f"{root}/{junk}", ignore_errors=True)
         _import(root, name)
 

@@ -1,0 +1,72 @@
+"""Fixtures giving tests a real Docker engine, the local test images, and labels
+that let every container a test creates be found and removed afterwards.
+
+Under CI (``CI=true``) a missing engine or image fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+import uuid
+
+import docker
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import images as test_images  # noqa: E402  (tests/images.py, not a package)
+
+TEST_LABEL = "ufaas.test"
+INSTANCE_LABEL = "ufaas.instance"
+
+
+def _unavailable(reason: str) -> None:
+    # CI must not turn a broken engine into a green run of skipped tests.
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        _unavailable(f"no reachable Docker engine: {exc}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def images(docker_client):
+    try:
+        test_images.ensure_images()
+    except Exception as exc:  # any build failure means the image tests cannot run
+        _unavailable(f"cannot build the test images (run `python3 tests/images.py`): {exc}")
+    return types.SimpleNamespace(busybox=test_images.BUSYBOX, python=test_images.PYTHON)
+
+
+@pytest.fixture
+def test_id() -> str:
+    return f"t-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def test_labels(docker_client, test_id):
+    yield {TEST_LABEL: test_id}
+    containers = docker_client.containers
+    leftovers = containers.list(
+        all=True, filters={"label": f"{TEST_LABEL}={test_id}"}, ignore_removed=True
+    )
+    leftovers += [
+        c
+        for c in containers.list(all=True, filters={"label": INSTANCE_LABEL}, ignore_removed=True)
+        if c.labels.get(INSTANCE_LABEL, "").startswith(test_id)
+    ]
+    for container in leftovers:
+        try:
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            pass  # already gone, e.g. removed by the code under test
