@@ -110,6 +110,9 @@ class Lease:
             raise RuntimeError("a lease runs one function")
         self._ran = True
         runner = self.container.runner
+        # Known from the start, so a follow-up queued meanwhile waits for this container.
+        self.container.workdirs[self.workdir] = None
+        self.container.workdirs.move_to_end(self.workdir)
         try:
             result = await runner.run(job, self.workdir, on_output)
         except (ContainerLost, EngineError) as exc:
@@ -117,9 +120,6 @@ class Lease:
             result = Result("error", error=f"container failed: {exc}")
         if not runner.alive:
             result.error = result.error or "container stopped"
-        if result.outcome != "refused":
-            self.container.workdirs[self.workdir] = None
-            self.container.workdirs.move_to_end(self.workdir)
         result.place = self.place
         return result
 
@@ -223,6 +223,16 @@ class Pool:
 
     def container(self, cid: str) -> Container | None:
         return self._containers.get(cid)
+
+    def discard(self, cid: str) -> None:
+        """Remove container ``cid`` now if idle, else when its lease ends."""
+        c = self._containers.get(cid)
+        if c is None:
+            return
+        if c.state == "idle":
+            self._retire(c)
+        else:
+            c.runner.tainted = True
 
     # -- leases ---------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ Under CI (``CI=true``) a missing engine or image fails the run instead of skippi
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import types
@@ -70,3 +71,38 @@ def test_labels(docker_client, test_id):
             container.remove(force=True)
         except docker.errors.NotFound:
             pass  # already gone, e.g. removed by the code under test
+
+
+@pytest.fixture
+def make_config(tmp_path, images):
+    """Builds a server Config on port 0 with its own database; keywords override."""
+    from ufaas.config import Config
+
+    def make(**overrides):
+        overrides.setdefault("port", 0)
+        overrides.setdefault("db", str(tmp_path / "ufaas.db"))
+        return Config.load(None, environ={}, **overrides)
+
+    return make
+
+
+@pytest.fixture
+async def start_server(nursery, test_id, test_labels):
+    """Starts the real server in the test's nursery; returns an httpx client bound to it."""
+    import httpx
+
+    from ufaas.server import serve
+
+    clients = []
+
+    async def start(config, token=None):
+        url = await nursery.start(functools.partial(
+            serve, config, instance=f"{test_id}-{len(clients)}", labels=test_labels))
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        client = httpx.AsyncClient(base_url=url, headers=headers, timeout=60)
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        await client.aclose()

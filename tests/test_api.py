@@ -1,0 +1,293 @@
+"""The REST API over real HTTP against the real server on port 0 and a real engine."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import threading
+import time
+import uuid
+
+import pytest
+import trio
+
+from ufaas.config import PoolConfig
+
+
+@pytest.fixture
+def python_config(make_config, images):
+    def make(**kw):
+        kw.setdefault("pools", [PoolConfig(image=images.python, min_idle=1, max=2)])
+        return make_config(**kw)
+    return make
+
+
+@pytest.fixture
+def file_server():
+    """A real local HTTP server for URL resources."""
+    content = b"def tool():\n    return 'tool ok'\n"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path != "/tool.py":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", content
+    server.shutdown()
+    server.server_close()
+
+
+def spec(images, command, **kw):
+    return {"image": images.python, "command": command, **kw}
+
+
+async def test_run_and_read_back(start_server, python_config, images):
+    with trio.fail_after(60):
+        client = await start_server(python_config())
+        r = await client.post("/fn?wait=20", json=spec(images, ["echo", "hi"]))
+        assert r.status_code == 200, r.text
+        rec = r.json()
+        assert r.headers["Location"] == f"/fn/{rec['id']}"
+        assert rec["status"] == "succeeded" and rec["stdout"] == "hi\n"
+        assert rec["exit_code"] == 0 and rec["error"] is None
+        assert len(rec["container"]) == 12 and rec["locality"] is None
+        assert rec["created_at"].endswith("Z") and rec["duration_ms"] >= 0
+        for key in ("spec", "after", "signal", "stderr", "truncated", "started_at",
+                    "finished_at"):
+            assert key in rec
+        assert (await client.get(f"/fn/{rec['id']}")).json() == rec
+
+        r = await client.post("/fn", json=spec(images, "echo slow; sleep 1; exit 3"))
+        assert r.status_code == 202
+        slow = r.json()
+        assert slow["status"] in ("pending", "running")
+        active = (await client.get("/fn")).json()
+        assert [f["id"] for f in active] == [slow["id"]]
+        done = (await client.get(f"/fn/{slow['id']}?wait=10")).json()
+        assert done["status"] == "failed" and done["exit_code"] == 3
+        assert done["stdout"] == "slow\n"
+        assert (await client.get("/fn")).json() == []
+        everything = (await client.get("/fn?status=all")).json()
+        assert [f["id"] for f in everything] == [slow["id"], rec["id"]]
+        assert [f["id"] for f in (await client.get("/fn?status=all&limit=1")).json()] == [
+            slow["id"]]
+        assert [f["id"] for f in (await client.get("/fn?status=failed")).json()] == [
+            slow["id"]]
+
+
+async def test_spec_example_with_url_resource(start_server, python_config, images,
+                                              file_server):
+    base, tool = file_server
+    body = {
+        "image": images.python,
+        "command": ["python3", "main.py"],
+        "resources": [
+            {"path": "main.py", "text": "import sys\nsys.path.insert(0, 'lib')\nimport tool\n"
+             "print(open('data.bin','rb').read())\nprint(tool.tool())\n"
+             "import os\nprint(os.environ['NAME'], sys.stdin.read())\n"},
+            {"path": "data.bin", "base64": "AAEC"},
+            {"path": "lib/tool.py", "url": f"{base}/tool.py",
+             "sha256": hashlib.sha256(tool).hexdigest()},
+            {"path": "run.sh", "text": "echo hi", "mode": "0755"},
+        ],
+        "env": {"NAME": "value"},
+        "stdin": "optional text",
+        "timeout": 30,
+        "network": False,
+    }
+    with trio.fail_after(60):
+        client = await start_server(python_config())
+        rec = (await client.post("/fn?wait=20", json=body)).json()
+        assert rec["status"] == "succeeded", rec
+        assert rec["stdout"] == "b'\\x00\\x01\\x02'\ntool ok\nvalue optional text\n"
+        follow = (await client.post(f"/fn/{rec['id']}?wait=20", json={
+            "command": "./run.sh; stat -c %a run.sh; echo $UFAAS_WORKDIR"})).json()
+        lines = follow["stdout"].split()
+        assert lines[:2] == ["hi", "755"] and lines[2].startswith("/tmp/ufaas/")
+        bad = body | {"resources": [{"path": "x", "url": f"{base}/tool.py",
+                                     "sha256": "0" * 64}]}
+        rec = (await client.post("/fn?wait=20", json=bad)).json()
+        assert rec["status"] == "error" and "sha256" in rec["error"]
+
+
+async def test_locality_hit_miss_strict(start_server, python_config, images, docker_client):
+    with trio.fail_after(60):
+        client = await start_server(python_config())
+        first = (await client.post("/fn?wait=20", json=spec(
+            images, "echo cached > cache.txt"))).json()
+        # image omitted: inherited from the function it follows
+        hit = (await client.post(f"/fn/{first['id']}?wait=20", json={
+            "command": ["cat", "cache.txt"]})).json()
+        assert hit["locality"] == "hit" and hit["after"] == first["id"]
+        assert hit["container"] == first["container"] and hit["stdout"] == "cached\n"
+        # Unrelated functions never see it.
+        other = (await client.post("/fn?wait=20", json=spec(
+            images, "cat cache.txt; ls /tmp/ufaas"))).json()
+        assert other["status"] == "failed" and "cached" not in other["stdout"]
+
+        full = docker_client.containers.list(filters={"id": first["container"]})[0]
+        full.remove(force=True)
+        await trio.sleep(1.0)  # the pool notices a dead container within its watch interval
+        r = await client.post(f"/fn/{first['id']}?strict=true", json={"command": ["true"]})
+        assert r.status_code == 409, r.text
+        miss = (await client.post(f"/fn/{first['id']}?wait=20", json={
+            "command": "cat cache.txt || echo gone"})).json()
+        assert miss["locality"] == "miss" and miss["stdout"] == "gone\n"
+        assert miss["container"] != first["container"]
+
+
+async def test_put_pending_then_conflict(start_server, make_config, images):
+    config = make_config(pools=[PoolConfig(image=images.python, min_idle=1, max=1)])
+    with trio.fail_after(60):
+        client = await start_server(config)
+        blocker = (await client.post("/fn", json=spec(images, ["sleep", "2"]))).json()
+        waiting = (await client.post("/fn", json=spec(images, ["echo", "old"]))).json()
+        assert waiting["status"] == "pending"
+        while (await client.get(f"/fn/{blocker['id']}")).json()["status"] != "running":
+            await trio.sleep(0.05)
+        r = await client.put(f"/fn/{waiting['id']}", json={"command": ["echo", "new"],
+                                                             "env": {"A": "1"}})
+        assert r.status_code == 200, r.text
+        assert r.json()["spec"]["command"] == ["echo", "new"]
+        r = await client.put(f"/fn/{waiting['id']}", json={"command": 5})
+        assert r.status_code == 422 and "command" in r.json()["error"]
+        r = await client.put(f"/fn/{blocker['id']}", json={"command": ["true"]})
+        assert r.status_code == 409
+        done = (await client.get(f"/fn/{waiting['id']}?wait=20")).json()
+        assert done["status"] == "succeeded" and done["stdout"] == "new\n"
+        r = await client.put(f"/fn/{waiting['id']}", json={"command": ["true"]})
+        assert r.status_code == 409
+
+
+async def test_delete_pending_running_finished(start_server, make_config, images,
+                                               docker_client):
+    config = make_config(pools=[PoolConfig(image=images.python, min_idle=1, max=1)])
+    with trio.fail_after(60):
+        client = await start_server(config)
+        running = (await client.post("/fn", json=spec(images, "sleep 30 & sleep 30"))).json()
+        pending = (await client.post("/fn", json=spec(images, ["echo", "never"]))).json()
+        while (await client.get(f"/fn/{running['id']}")).json()["status"] != "running":
+            await trio.sleep(0.05)
+        r = await client.delete(f"/fn/{pending['id']}")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        start = time.monotonic()
+        rec = (await client.delete(f"/fn/{running['id']}")).json()
+        assert rec["status"] == "cancelled" and time.monotonic() - start < 1.5
+        never = (await client.get(f"/fn/{pending['id']}")).json()
+        assert never["status"] == "cancelled" and never["started_at"] is None
+
+        done = (await client.post("/fn?wait=20", json=spec(images, ["echo", "x"]))).json()
+        again = (await client.delete(f"/fn/{done['id']}")).json()
+        assert again["status"] == "succeeded" and again["stdout"] == "x\n"
+        # container=remove destroys the container it ran in.
+        assert docker_client.containers.list(filters={"id": done["container"]})
+        rec = (await client.delete(f"/fn/{done['id']}?container=remove&purge=true")).json()
+        assert rec["id"] == done["id"]
+        assert (await client.get(f"/fn/{done['id']}")).status_code == 404
+        for _ in range(50):
+            if not docker_client.containers.list(all=True, filters={"id": done["container"]}):
+                break
+            await trio.sleep(0.1)
+        else:
+            pytest.fail("container=remove left the container")
+        ok = (await client.post("/fn?wait=20", json=spec(images, ["echo", "ok"]))).json()
+        assert ok["stdout"] == "ok\n"
+
+
+BAD_SPECS = [
+    ({"image": "x"}, "command"),
+    ({"image": "x", "command": ["a"], "resources": [{"path": "a", "text": "1", "base64": "AA=="}]},
+     "resources.0"),
+    ({"image": "x", "command": ["a"], "resources": [{"path": "a", "base64": "!!"}]},
+     "resources.0.base64"),
+    ({"image": "x", "command": ["a"], "resources": [{"path": "/etc/x", "text": ""}]},
+     "resources.0.path"),
+    ({"image": "x", "command": ["a"], "resources": [{"path": "../x", "text": ""}]},
+     "resources.0.path"),
+    ({"image": "x", "command": ["a"], "surprise": 1}, "surprise"),
+    ({"image": "x", "command": ["a"], "timeout": 10 ** 9}, "timeout"),
+    ({"image": "x", "command": ["a"], "timeout": 0}, "timeout"),
+    ({"command": ["a"]}, "image"),
+]
+
+
+async def test_errors_then_still_serving(start_server, python_config, images):
+    with trio.fail_after(60):
+        client = await start_server(python_config(max_body=4096))
+        r = await client.post("/fn", content=b'{"image": ')
+        assert r.status_code == 400 and "JSON" in r.json()["error"]
+        r = await client.post("/fn", content=b"[1, 2]")
+        assert r.status_code == 422
+        for body, field in BAD_SPECS:
+            r = await client.post("/fn", json=body)
+            assert r.status_code == 422, (body, r.text)
+            assert r.json()["error"].startswith(field), (field, r.json())
+        assert (await client.get(f"/fn/{uuid.uuid4()}")).status_code == 404
+        assert (await client.get("/fn/not-a-uuid")).status_code == 404
+        assert (await client.delete(f"/fn/{uuid.uuid4()}")).status_code == 404
+        assert (await client.post(f"/fn/{uuid.uuid4()}", json={"command": ["a"]})
+                ).status_code == 404
+        r = await client.post("/fn", json=spec(images, ["echo"], stdin="x" * 10000))
+        assert r.status_code == 413 and r.json()["error"]
+        assert (await client.get("/fn?wait=abc")).status_code in (200, 400)
+        assert (await client.get(f"/fn/{uuid.uuid4()}?wait=nan")).status_code == 400
+        assert (await client.get("/fn?status=bogus")).status_code == 400
+        assert (await client.get("/nowhere")).json()["error"]
+        r = await client.post("/fn?wait=20", json=spec(images, ["echo", "alive"]))
+        assert r.json()["stdout"] == "alive\n"
+
+
+async def test_token_queue_bound_pools_health(start_server, make_config, images):
+    config = make_config(token="s3cret", queue_limit=1,
+                         pools=[PoolConfig(image=images.python, min_idle=1, max=1)])
+    with trio.fail_after(60):
+        client = await start_server(config, token="s3cret")
+        anonymous = type(client)(base_url=client.base_url)
+        wrong = type(client)(base_url=client.base_url, headers={"Authorization": "Bearer no"})
+        try:
+            for c in (anonymous, wrong):
+                for method, path in (("GET", "/fn"), ("POST", "/fn"), ("GET", "/pools"),
+                                     ("GET", "/healthz"), ("DELETE", f"/fn/{uuid.uuid4()}")):
+                    r = await c.request(method, path)
+                    assert r.status_code == 401, (method, path)
+            assert (await anonymous.get("/fn?token=s3cret")).status_code == 200
+        finally:
+            await anonymous.aclose()
+            await wrong.aclose()
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        first = (await client.post("/fn", json=spec(images, ["sleep", "1"]))).json()
+        while (await client.get(f"/fn/{first['id']}")).json()["status"] != "running":
+            await trio.sleep(0.05)
+        second = await client.post("/fn", json=spec(images, ["echo", "2"]))
+        assert second.status_code == 202
+        third = await client.post("/fn", json=spec(images, ["echo", "3"]))
+        assert third.status_code == 429 and third.headers["Retry-After"]
+        pools = (await client.get("/pools")).json()
+        (p,) = pools
+        assert p["image"] == images.python and p["max"] == 1 and p["busy"] == 1
+        assert p["queued"] == 1 and p["profile"]["network"] is False
+        for rec in (first, second.json()):
+            assert (await client.get(f"/fn/{rec['id']}?wait=20")).json()["status"] == \
+                "succeeded"
+
+
+async def test_base64_and_binary_output(start_server, python_config, images):
+    data = bytes(range(256)) * 100
+    with trio.fail_after(60):
+        client = await start_server(python_config())
+        rec = (await client.post("/fn?wait=20", json=spec(
+            images, ["sha256sum", "blob"],
+            resources=[{"path": "blob", "base64": base64.b64encode(data).decode()}]))).json()
+        assert rec["stdout"].split()[0] == hashlib.sha256(data).hexdigest()

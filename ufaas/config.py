@@ -1,0 +1,131 @@
+"""The server's one typed configuration: defaults, then a TOML file, then UFAAS_* variables,
+then command-line options, each overriding the one before.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pool import Profile
+
+from .tasks import Limits
+
+MiB = 1 << 20
+ENV_PREFIX = "UFAAS_"
+
+
+def default_db() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
+                                                           ".local", "share")
+    return os.path.join(base, "ufaas", "ufaas.db")
+
+
+class ConfigError(Exception):
+    """The configuration file or variables are invalid."""
+
+
+class PoolConfig(BaseModel):
+    """A pool started with the server: ``[[pools]]`` in the TOML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1)
+    min_idle: int = Field(1, ge=0, le=256)
+    max: int = Field(4, ge=1, le=1024)
+    idle_ttl: float = Field(300.0, gt=0)
+    memory: int = Field(512 * MiB, ge=16 * MiB, description="bytes per container")
+    cpus: float = Field(1.0, gt=0)
+    pids: int = Field(256, ge=8)
+    network: bool = False
+    user: str = "65534:65534"
+    workdir_size: int = Field(256 * MiB, ge=MiB)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PoolConfig:
+        if self.min_idle > self.max:
+            raise ValueError("min_idle must not exceed max")
+        self.profile()  # raises on a bad user or limits
+        return self
+
+    def profile(self) -> Profile:
+        return Profile(memory=self.memory, cpus=self.cpus, pids=self.pids,
+                       network=self.network, user=self.user, workdir_size=self.workdir_size)
+
+
+class Config(BaseModel):
+    """Every setting of the server, each with a default that works on one machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    db: str = Field(default_factory=default_db)
+    token: str | None = None
+    insecure: bool = False
+    docker_host: str | None = None
+    # Limits on what callers send.
+    max_body: int = Field(64 * MiB, ge=1024, description="bytes of one request body")
+    max_timeout: float = Field(300.0, gt=0)
+    default_timeout: float = Field(30.0, gt=0)
+    max_resources: int = Field(256, ge=0)
+    max_file_bytes: int = Field(8 * MiB, ge=0)
+    max_total_bytes: int = Field(32 * MiB, ge=0)
+    output_cap: int = Field(1 * MiB, ge=1024, description="bytes kept per stream")
+    # Scheduling.
+    queue_limit: int = Field(1000, ge=1, description="pending functions before 429")
+    queue_timeout: float = Field(600.0, gt=0, description="longest wait for a container")
+    max_wait: float = Field(300.0, gt=0, description="longest ?wait= a request may hold")
+    # Pools made on first use for images not listed in [[pools]].
+    min_idle: int = Field(1, ge=0)
+    max: int = Field(4, ge=1)
+    idle_ttl: float = Field(300.0, gt=0)
+    pools: list[PoolConfig] = Field(default_factory=list)
+    # URL resources.
+    download_max_bytes: int = Field(8 * MiB, ge=1)
+    download_timeout: float = Field(30.0, gt=0)
+    # Engine and shutdown.
+    engine_timeout: float = Field(30.0, gt=0, description="deadline of one engine call")
+    shutdown_grace: float = Field(10.0, ge=0, description="seconds running functions get")
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> Config:
+        if self.default_timeout > self.max_timeout:
+            raise ValueError("default_timeout must not exceed max_timeout")
+        return self
+
+    def limits(self) -> Limits:
+        return Limits(max_timeout=self.max_timeout, default_timeout=self.default_timeout,
+                      max_resources=self.max_resources, max_file_bytes=self.max_file_bytes,
+                      max_total_bytes=self.max_total_bytes)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, environ: dict[str, str] | None = None,
+             **overrides: Any) -> Config:
+        """Defaults < TOML file < ``UFAAS_*`` variables < ``overrides`` (None ignored)."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data.update(tomllib.loads(Path(path).read_text()))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"{path}: {exc}") from exc
+        env = os.environ if environ is None else environ
+        for name in cls.model_fields:
+            value = env.get(ENV_PREFIX + name.upper())
+            if value is not None and name != "pools":
+                data[name] = value
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            # Variables arrive as strings: let pydantic convert them (lax mode).
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid configuration: {problems}") from exc
+
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")

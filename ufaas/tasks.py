@@ -1,0 +1,384 @@
+"""The task spec: the JSON body of ``POST /fn`` and ``PUT /fn/{id}``, validated at the API edge.
+
+Owns the rules a submitted spec must meet and turns its embedded resources into pool files;
+URL resources are fetched by :mod:`ufaas.fetch` and become files via :func:`resource_file`.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import math
+import re
+from base64 import b64decode
+from dataclasses import dataclass
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pool import BadFile, File, check_files, check_path
+
+MiB = 1 << 20
+DEFAULT_MODE = 0o644
+MAX_IMAGE_CHARS = 256
+MAX_URL_CHARS = 2048
+MAX_ENV_ENTRIES = 256
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OCTAL_MODE = re.compile(r"(0o?)?[0-7]{1,3}")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+# Pydantic's wording for a few error types, said in terms of the JSON body.
+_MESSAGES = {
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "extra_forbidden": "unknown field",
+    "missing": "required",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Service-wide limits on a spec, passed to validation as its context."""
+
+    max_timeout: float = 300.0
+    default_timeout: float = 30.0
+    max_resources: int = 256
+    max_file_bytes: int = 8 * MiB
+    max_total_bytes: int = 32 * MiB
+
+
+class SpecError(Exception):
+    """A refused spec: ``errors`` holds ``{"field", "message"}`` items; ``message`` the first."""
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        self.errors = errors
+        first = errors[0] if errors else {"field": "spec", "message": "invalid spec"}
+        self.message = f"{first['field']}: {first['message']}"
+        super().__init__(self.message)
+
+    @classmethod
+    def from_validation_error(cls, exc: ValidationError) -> SpecError:
+        errors = []
+        for err in exc.errors(include_url=False):
+            field = ".".join(str(part) for part in err["loc"]) or "spec"
+            cause = (err.get("ctx") or {}).get("error")
+            # Our own ValueErrors carry the whole message; pydantic would prefix "Value error, ".
+            message = _MESSAGES.get(err["type"], err["msg"])
+            if err["type"] == "value_error" and cause:
+                message = str(cause)
+            errors.append({"field": field, "message": message})
+        return cls(errors)
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    return info.context if isinstance(info.context, Limits) else Limits()
+
+
+def _utf8(value: str) -> str:
+    # json.loads accepts lone surrogates ("\ud800"), which cannot be encoded for the container.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"a lone surrogate at index {exc.start} is not valid UTF-8") from None
+    return value
+
+
+def _no_nul(value: str) -> str:
+    _utf8(value)
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    return value
+
+
+def _check_image(value: str) -> str:
+    _no_nul(value)
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{value!r}: an image name has no whitespace")
+    return value
+
+
+def _check_command(value: object) -> str | list[str]:
+    # A plain validator: a union of str and list[str] would report each arm's error separately.
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("an empty command")
+        return _no_nul(value)
+    if not isinstance(value, list):
+        raise ValueError("must be a string or a list of strings")
+    if not value:
+        raise ValueError("an empty argument list")
+    for i, arg in enumerate(value):
+        if not isinstance(arg, str):
+            raise ValueError(f"argument {i} is not a string")
+        try:
+            _no_nul(arg)
+        except ValueError as exc:
+            raise ValueError(f"argument {i} {exc}") from None
+    return list(value)
+
+
+def _check_timeout(value: object, info: ValidationInfo) -> float:
+    limits = _limits(info)
+    if value is None:
+        return limits.default_timeout
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number of seconds")
+    if not math.isfinite(value):
+        raise ValueError(f"{value!r}: must be a finite number of seconds")
+    if value <= 0:
+        raise ValueError(f"{value!r}: must be more than 0 seconds")
+    if value > limits.max_timeout:
+        raise ValueError(f"{value!r}: must be at most {limits.max_timeout:g} seconds")
+    return float(value)
+
+
+def _check_mode(value: object) -> int:
+    if isinstance(value, str) and _OCTAL_MODE.fullmatch(value):
+        return int(value.removeprefix("0o"), 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise ValueError(f"{value!r}: a mode is an octal string like '0755' or an int up to 0o777")
+
+
+def _check_env(value: dict[str, str]) -> dict[str, str]:
+    for name in value:
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"{name!r}: not a valid variable name")
+    return value
+
+
+def _check_resources(value: object, info: ValidationInfo) -> object:
+    # Counted before the items are validated, so a huge list costs nothing to refuse.
+    limit = _limits(info).max_resources
+    if isinstance(value, list) and len(value) > limit:
+        raise ValueError(f"{len(value)} resources: at most {limit} are allowed")
+    return value
+
+
+def _check_path(value: str) -> str:
+    _utf8(value)
+    try:
+        return check_path(value)
+    except BadFile as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _base64_size(value: str) -> int:
+    # Exact for strictly valid base64: no whitespace, length a multiple of 4.
+    return len(value) // 4 * 3 - len(value) + len(value.rstrip("="))
+
+
+Image = Annotated[
+    StrictStr, Field(min_length=1, max_length=MAX_IMAGE_CHARS), AfterValidator(_check_image)
+]
+Command = Annotated[str | list[str], PlainValidator(_check_command)]
+Timeout = Annotated[float, BeforeValidator(_check_timeout)]
+Text = Annotated[StrictStr, AfterValidator(_utf8)]
+Arg = Annotated[StrictStr, AfterValidator(_no_nul)]
+Env = Annotated[
+    dict[StrictStr, Arg], Field(max_length=MAX_ENV_ENTRIES), AfterValidator(_check_env)
+]
+Mode = Annotated[int, PlainValidator(_check_mode), PlainSerializer(lambda m: f"{m:04o}")]
+
+
+class Resource(BaseModel):
+    """One file for the working directory: exactly one of ``text``, ``base64`` or ``url``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Annotated[StrictStr, AfterValidator(_check_path)]
+    text: StrictStr | None = None
+    base64: StrictStr | None = None
+    url: StrictStr | None = None
+    sha256: StrictStr | None = None
+    mode: Mode = DEFAULT_MODE
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str, info: ValidationInfo) -> str:
+        _utf8(value)
+        limit = _limits(info).max_file_bytes
+        if len(value) > limit or len(value.encode("utf-8")) > limit:
+            raise ValueError(f"more than {limit} bytes")
+        return value
+
+    @field_validator("base64")
+    @classmethod
+    def _base64(cls, value: str, info: ValidationInfo) -> str:
+        limit = _limits(info).max_file_bytes
+        too_big = ValueError(f"more than {limit} bytes once decoded")
+        if len(value) > (limit + 2) // 3 * 4:
+            raise too_big  # without decoding it
+        try:
+            data = b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not valid base64") from None
+        if len(data) > limit:
+            raise too_big
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        _no_nul(value)
+        if len(value) > MAX_URL_CHARS:
+            raise ValueError(f"longer than {MAX_URL_CHARS} characters")
+        if any(c.isspace() or ord(c) < 0x20 for c in value):
+            raise ValueError(f"{value!r}: contains whitespace or control characters")
+        try:
+            parts = urlsplit(value)
+            host = parts.hostname
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc}") from None
+        if parts.scheme.lower() not in ("http", "https"):
+            raise ValueError(f"{value!r}: only http and https URLs are allowed")
+        if not host:
+            raise ValueError(f"{value!r}: no host")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: str, info: ValidationInfo) -> str:
+        if not _SHA256.fullmatch(value):
+            raise ValueError("must be 64 hexadecimal digits")
+        value = value.lower()
+        data = _embedded_data(info.data.get("text"), info.data.get("base64"))
+        if data is not None and hashlib.sha256(data).hexdigest() != value:
+            raise ValueError("does not match the content")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Resource:
+        given = [name for name in ("text", "base64", "url") if getattr(self, name) is not None]
+        if len(given) != 1:
+            got = ", ".join(given) or "none"
+            raise ValueError(f"give exactly one of text, base64 or url (got {got})")
+        return self
+
+    def size(self) -> int | None:
+        """The size in bytes of an embedded resource; None for a URL."""
+        if self.text is not None:
+            return len(self.text.encode("utf-8"))
+        if self.base64 is not None:
+            return _base64_size(self.base64)
+        return None
+
+    def data(self) -> bytes | None:
+        """The content of an embedded resource; None for a URL, which must be fetched."""
+        return _embedded_data(self.text, self.base64)
+
+
+def _embedded_data(text: str | None, base64: str | None) -> bytes | None:
+    if text is not None:
+        return text.encode("utf-8")
+    if base64 is not None:
+        return b64decode(base64, validate=True)
+    return None
+
+
+def _check_resource_set(value: list[Resource], info: ValidationInfo) -> list[Resource]:
+    limit = _limits(info).max_total_bytes
+    total = sum(r.size() or 0 for r in value)
+    if total > limit:
+        raise ValueError(f"{total} bytes of embedded content: at most {limit} are allowed")
+    try:
+        check_files([File(r.path, b"", r.mode) for r in value])
+    except BadFile as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+Resources = Annotated[
+    list[Resource], BeforeValidator(_check_resources), AfterValidator(_check_resource_set)
+]
+
+
+class TaskSpec(BaseModel):
+    """A function: what to run, in which image, with which files. ``timeout`` is resolved."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Image | None = None
+    command: Command
+    resources: Resources = Field(default_factory=list)
+    env: Env = Field(default_factory=dict)
+    stdin: Text | None = None
+    timeout: Timeout = Field(default=None, validate_default=True)
+    network: StrictBool = False
+
+    def argv(self) -> list[str]:
+        """The command as an argument vector; a string command runs under ``/bin/sh -c``."""
+        if isinstance(self.command, str):
+            return ["/bin/sh", "-c", self.command]
+        return list(self.command)
+
+
+class SpecUpdate(BaseModel):
+    """The body of ``PUT``: fields given replace the old ones; ``null`` resets to the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Image | None = None
+    command: Command | None = None
+    resources: Resources | None = None
+    env: Env | None = None
+    stdin: Text | None = None
+    timeout: Timeout | None = None
+    network: StrictBool | None = None
+
+
+def parse_spec(data: object, limits: Limits) -> TaskSpec:
+    """Validate a decoded JSON body as a full spec; raise SpecError naming the bad fields."""
+    try:
+        return TaskSpec.model_validate(data, context=limits)
+    except ValidationError as exc:
+        raise SpecError.from_validation_error(exc) from None
+
+
+def parse_update(data: object, limits: Limits) -> SpecUpdate:
+    """Validate a decoded JSON body as a partial spec for ``PUT``; raise SpecError."""
+    try:
+        return SpecUpdate.model_validate(data, context=limits)
+    except ValidationError as exc:
+        raise SpecError.from_validation_error(exc) from None
+
+
+def merge(spec: TaskSpec, update: SpecUpdate, limits: Limits) -> TaskSpec:
+    """The spec with the update's given fields replacing its own, validated again as a whole."""
+    data = spec.model_dump(mode="json", exclude_none=True)
+    for name, value in update.model_dump(mode="json", include=update.model_fields_set).items():
+        if value is None:
+            data.pop(name, None)
+        else:
+            data[name] = value
+    return parse_spec(data, limits)
+
+
+def embedded_files(spec: TaskSpec) -> list[File]:
+    """The files given inline (``text`` or ``base64``), ready for a pool job."""
+    files = []
+    for resource in spec.resources:
+        data = resource.data()
+        if data is not None:
+            files.append(File(resource.path, data, resource.mode))
+    return files
+
+
+def resource_file(resource: Resource, data: bytes) -> File:
+    """The file for a URL resource once its content has been fetched."""
+    return File(resource.path, data, resource.mode)
