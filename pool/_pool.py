@@ -350,7 +350,11 @@ class Pool:
 
     def _spawn(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         if self._nursery is not None and not self._closed:
-            self._nursery.start_soon(fn, *args)
+            try:
+                self._nursery.start_soon(fn, *args)
+            except RuntimeError:
+                # Shutting down: serve()'s final sweep removes every labelled container.
+                pass
 
     async def _destroy_now(self, c: Container) -> None:
         c.state = "dead"

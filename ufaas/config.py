@@ -85,6 +85,8 @@ class Config(BaseModel):
     max: int = Field(4, ge=1)
     idle_ttl: float = Field(300.0, gt=0)
     pools: list[PoolConfig] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict,
+                                   description="extra labels on every container")
     # URL resources.
     download_max_bytes: int = Field(8 * MiB, ge=1)
     download_timeout: float = Field(30.0, gt=0)
@@ -116,7 +118,7 @@ class Config(BaseModel):
         env = os.environ if environ is None else environ
         for name in cls.model_fields:
             value = env.get(ENV_PREFIX + name.upper())
-            if value is not None and name != "pools":
+            if value is not None and name not in ("pools", "labels"):
                 data[name] = value
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:

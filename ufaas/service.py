@@ -78,7 +78,8 @@ class Service:
         self.store = Store(config.db)
         self.engine = Engine(config.docker_host, call_timeout=config.engine_timeout)
         self.pools = Pools(self.engine, home=_home(config.db), instance=instance,
-                           labels=labels, min_idle=config.min_idle, max=config.max,
+                           labels={**config.labels, **(labels or {})},
+                           min_idle=config.min_idle, max=config.max,
                            idle_ttl=config.idle_ttl)
         self.downloader = Downloader(max_bytes=config.download_max_bytes,
                                      timeout=config.download_timeout)
