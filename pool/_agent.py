@@ -3,11 +3,13 @@
 Stdlib only, Python >= 3.7, because it runs under whatever python3 the image has. Its
 source travels as ``python3 -c`` text, so this module must import nothing from ``pool``.
 Wire format both ways: ``>II`` (header length, body length), a JSON header, raw body bytes.
+One thread, one selector loop: host messages, the function's pipes, its exit (a pidfd) and
+its deadline are all events, so a run costs no thread and no polling.
 """
 
 import json
 import os
-import queue
+import selectors
 import shutil
 import signal
 import struct
@@ -33,25 +35,17 @@ def send(header, body=b""):
         _out.flush()
 
 
-def read_exact(stream, n):
-    parts = []
-    while n:
-        chunk = stream.read(n)
-        if not chunk:
-            return None
-        parts.append(chunk)
-        n -= len(chunk)
-    return b"".join(parts)
-
-
-def read_frame(stream):
-    head = read_exact(stream, HEAD.size)
-    if head is None:
-        return None, None
-    hlen, blen = HEAD.unpack(head)
-    header = json.loads(read_exact(stream, hlen).decode())
-    body = read_exact(stream, blen) if blen else b""
-    return header, body
+def frames(buf):
+    """Pop complete frames off the front of ``buf`` (a bytearray)."""
+    while len(buf) >= HEAD.size:
+        hlen, blen = HEAD.unpack_from(buf)
+        end = HEAD.size + hlen + blen
+        if len(buf) < end:
+            return
+        header = json.loads(bytes(buf[HEAD.size:HEAD.size + hlen]).decode())
+        body = bytes(buf[HEAD.size + hlen:end])
+        del buf[:end]
+        yield header, body
 
 
 class Refused(Exception):
@@ -128,6 +122,15 @@ def oom_kills():
     return None
 
 
+def disk_low():
+    """True when the working directories' own filesystem has under 1/8 of it free."""
+    try:
+        st = os.statvfs(ROOT)
+    except OSError:
+        return False
+    return os.path.ismount(ROOT) and st.f_bavail * 8 < st.f_blocks
+
+
 def other_pids(protected):
     pids = []
     for name in os.listdir("/proc"):
@@ -144,7 +147,9 @@ class Agent:
         # Everything alive now (init, the keep-alive command, us) survives clean-ups.
         self.protected = set(other_pids(())) | {1, self.me}
         self.runs = {}
-        self.lock = threading.Lock()
+        self.sel = selectors.DefaultSelector()
+        self.inbox = bytearray()
+        self.open = True
         os.makedirs(ROOT, exist_ok=True)
         try:
             os.chmod(ROOT, 0o311)
@@ -152,43 +157,62 @@ class Agent:
             pass
 
     def serve(self):
-        stdin = sys.stdin.buffer
-        while True:
-            header, body = read_frame(stdin)
-            if header is None:
-                break
-            op = header.get("op")
-            try:
-                if op == "run":
-                    run = Run(self, header, body)
-                    with self.lock:
-                        self.runs[run.id] = run
-                    threading.Thread(target=run.main, daemon=True).start()
-                elif op == "stdin":
-                    run = self.runs.get(header["id"])
-                    if run is not None:
-                        run.feed(body, header.get("eof", False))
-                elif op == "cancel":
-                    run = self.runs.get(header["id"])
-                    if run is not None:
-                        run.cancel()
-                elif op == "drop":
-                    self.drop(header["workdir"])
-                elif op == "hello":
-                    send({"ev": "hello", "pid": self.me, "python": list(sys.version_info[:3]),
-                          "oom": oom_kills() is not None})
-                elif op == "ping":
-                    send({"ev": "pong", "n": header.get("n")})
-                else:
-                    send({"ev": "error", "message": "unknown op %r" % op})
-            except Exception as exc:  # a bad request must not end the agent
-                send({"ev": "error", "id": header.get("id"),
-                      "message": "%s: %s" % (type(exc).__name__, exc)})
+        stdin = sys.stdin.buffer.raw.fileno()
+        os.set_blocking(stdin, False)
+        self.sel.register(stdin, selectors.EVENT_READ, self.on_host)
+        while self.open or self.runs:
+            deadline = min((r.deadline for r in self.runs.values() if r.deadline), default=None)
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+            for key, events in self.sel.select(timeout):
+                key.data(key.fd, events)
+            now = time.monotonic()
+            for run in list(self.runs.values()):
+                run.tick(now)
         # The host went away: nothing we run may outlive the connection.
         self.kill_others()
 
-    def drop(self, token):
-        shutil.rmtree(os.path.join(ROOT, os.path.basename(token)), ignore_errors=True)
+    def on_host(self, fd, events):
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return
+        if not data:
+            self.sel.unregister(fd)
+            self.open = False
+            for run in self.runs.values():
+                run.cancel()
+            return
+        self.inbox += data
+        for header, body in frames(self.inbox):
+            try:
+                self.handle(header, body)
+            except Exception as exc:  # a bad request must not end the agent
+                send({"ev": "error", "id": header.get("id"),
+                      "message": "%s: %s" % (type(exc).__name__, exc)})
+
+    def handle(self, header, body):
+        op = header.get("op")
+        run = self.runs.get(header.get("id"))
+        if op == "run":
+            run = Run(self, header, body)
+            self.runs[run.id] = run
+            run.start()
+        elif op == "stdin":
+            if run is not None:
+                run.feed(body, header.get("eof", False))
+        elif op == "cancel":
+            if run is not None:
+                run.cancel()
+        elif op == "drop":
+            shutil.rmtree(os.path.join(ROOT, os.path.basename(header["workdir"])),
+                          ignore_errors=True)
+        elif op == "hello":
+            send({"ev": "hello", "pid": self.me, "python": list(sys.version_info[:3]),
+                  "oom": oom_kills() is not None})
+        elif op == "ping":
+            send({"ev": "pong", "n": header.get("n")})
+        else:
+            send({"ev": "error", "message": "unknown op %r" % op})
 
     def kill_others(self):
         """SIGKILL every process but the protected ones; True when none is left."""
@@ -202,11 +226,14 @@ class Agent:
                 except OSError:
                     pass
             self.reap()
-            time.sleep(0.01)
+            pids = other_pids(self.protected)
+            if not pids:
+                return True
+            time.sleep(0.005)
         return not other_pids(self.protected)
 
     def reap(self):
-        # Orphans of our functions are re-parented to us (child subreaper) or to init.
+        # Orphans of our functions are re-parented to us: we are their child subreaper.
         while True:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -223,84 +250,69 @@ class Run:
         self.header = header
         self.body = body
         self.proc = None
+        self.pidfd = None
+        self.status = None
         self.cancelled = False
         self.timed_out = False
-        self.done = threading.Event()
-        self.stdin_queue = queue.Queue()
-        files_size = sum(f["size"] for f in header.get("files", []))
-        self.feed(body[files_size:], header.get("stdin_eof", True))
+        self.deadline = None
+        self.drain_until = None
+        self.started = None
+        self.duration = 0.0
+        self.oom_before = None
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False
+        self.stdin_fd = None
+        self.clean = True
+        self.pipes = {}
         self.cap = header.get("cap", 1 << 20)
         self.sent = {1: 0, 2: 0}
         self.truncated = {1: False, 2: False}
 
-    def feed(self, data, eof):
-        self.stdin_queue.put((data, eof))
+    # -- start -----------------------------------------------------------------------------
 
-    def write_stdin(self):
-        # Its own thread: a function that never reads stdin must not block anything else.
-        stdin = self.proc.stdin
-        while True:
-            data, eof = self.stdin_queue.get()
-            if data is None:
-                break
-            try:
-                if data:
-                    stdin.write(data)
-                    stdin.flush()
-                if eof:
-                    break
-            except (OSError, ValueError):
-                break
-        try:
-            stdin.close()
-        except (OSError, ValueError):
-            pass
-
-    def cancel(self):
-        self.cancelled = True
-        self.kill()
-
-    def kill(self):
-        proc = self.proc
-        if proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-    def pump(self, pipe, fd):
-        while True:
-            try:
-                data = os.read(pipe.fileno(), CHUNK)
-            except OSError:
-                break
-            if not data:
-                break
-            room = self.cap - self.sent[fd]
-            if room <= 0:
-                self.truncated[fd] = True
-                continue  # keep draining so the function never blocks on a full pipe
-            if len(data) > room:
-                data = data[:room]
-                self.truncated[fd] = True
-            self.sent[fd] += len(data)
-            send({"ev": "out", "id": self.id, "fd": fd}, data)
-        pipe.close()
-
-    def main(self):
+    def start(self):
         h = self.header
         try:
-            self.execute(h)
+            workdir = self.prepare(h)
         except Refused as exc:
-            send({"ev": "exit", "id": self.id, "refused": str(exc), "clean": True})
+            return self.finish({"refused": str(exc), "clean": True})
         except Exception as exc:
-            send({"ev": "exit", "id": self.id, "error": "%s: %s" % (type(exc).__name__, exc),
-                  "clean": self.agent.kill_others()})
-        finally:
-            with self.agent.lock:
-                self.agent.runs.pop(self.id, None)
+            return self.finish({"error": "%s: %s" % (type(exc).__name__, exc),
+                                "clean": self.agent.kill_others()})
+        env = dict(os.environ)
+        env.update({"UFAAS_WORKDIR": workdir, "HOME": workdir, "PWD": workdir})
+        env.update(h.get("env") or {})
+        self.oom_before = oom_kills()
+        self.started = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                h["argv"], cwd=workdir, env=env, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            message = "%s: %s\n" % (h["argv"][0], exc.strerror)
+            send({"ev": "out", "id": self.id, "fd": 2}, message.encode())
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            return self.finish({"exit_code": code, "signal": None, "duration_ms": 0.0,
+                                "clean": True})
+        sel = self.agent.sel
+        for fd, pipe in ((1, self.proc.stdout), (2, self.proc.stderr)):
+            os.set_blocking(pipe.fileno(), False)
+            self.pipes[pipe.fileno()] = (fd, pipe)
+            sel.register(pipe.fileno(), selectors.EVENT_READ, self.on_output)
+        self.stdin_fd = self.proc.stdin.fileno()
+        os.set_blocking(self.stdin_fd, False)
+        self.watch_exit()
+        if h.get("timeout") is not None:
+            self.deadline = self.started + h["timeout"]
+        files_size = sum(f["size"] for f in h.get("files", []))
+        self.feed(self.body[files_size:], h.get("stdin_eof", True))
+        self.body = None
+        if self.cancelled:
+            self.kill()
 
-    def execute(self, h):
+    def prepare(self, h):
         token = os.path.basename(h["workdir"])
         workdir = os.path.join(ROOT, token)
         try:
@@ -312,60 +324,152 @@ class Run:
             write_files(wfd, h.get("files", []), self.body)
         finally:
             os.close(wfd)
-        self.body = None
-        env = dict(os.environ)
-        env.update({"UFAAS_WORKDIR": workdir, "HOME": workdir, "PWD": workdir})
-        env.update(h.get("env") or {})
-        oom_before = oom_kills()
-        started = time.monotonic()
+        return workdir
+
+    def watch_exit(self):
+        pid = self.proc.pid
         try:
-            self.proc = subprocess.Popen(
-                h["argv"], cwd=workdir, env=env, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            message = "%s: %s\n" % (h["argv"][0], exc.strerror)
-            send({"ev": "out", "id": self.id, "fd": 2}, message.encode())
-            code = 127 if isinstance(exc, FileNotFoundError) else 126
-            send({"ev": "exit", "id": self.id, "exit_code": code, "signal": None,
-                  "duration_ms": 0.0, "clean": True})
+            self.pidfd = os.pidfd_open(pid)
+            self.agent.sel.register(self.pidfd, selectors.EVENT_READ, self.on_exit)
             return
-        send({"ev": "started", "id": self.id, "pid": self.proc.pid})
-        if self.cancelled:
-            self.kill()
-        pumps = [threading.Thread(target=self.pump, args=(self.proc.stdout, 1), daemon=True),
-                 threading.Thread(target=self.pump, args=(self.proc.stderr, 2), daemon=True)]
-        for t in pumps:
-            t.start()
-        threading.Thread(target=self.write_stdin, daemon=True).start()
-        timeout = h.get("timeout")
+        except (AttributeError, OSError):
+            pass
+        # No pidfd (old kernel or Python): a thread waits, and wakes the loop with a pipe.
+        r, w = os.pipe()
+        self.pidfd = r
+        self.agent.sel.register(r, selectors.EVENT_READ, self.on_exit)
+
+        def wait():
+            self.status = self.proc.wait()
+            os.write(w, b"x")
+            os.close(w)
+        threading.Thread(target=wait, daemon=True).start()
+
+    # -- events ----------------------------------------------------------------------------
+
+    def feed(self, data, eof):
+        stdin = self.proc.stdin if self.proc is not None else None
+        if stdin is None or stdin.closed:
+            return
+        self.stdin_buf += data
+        self.stdin_eof = self.stdin_eof or eof
+        self.flush_stdin()
+
+    def flush_stdin(self, fd=None, events=None):
+        stdin = self.proc.stdin
+        if stdin.closed:
+            return
+        sel = self.agent.sel
+        fileno = self.stdin_fd
         try:
-            status = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+            while self.stdin_buf:
+                n = os.write(fileno, self.stdin_buf[:CHUNK])
+                del self.stdin_buf[:n]
+        except BlockingIOError:
+            pass
+        except OSError:  # the function closed its stdin: drop what it will never read
+            self.stdin_buf = bytearray()
+            self.stdin_eof = True
+        registered = fileno in sel.get_map()
+        if self.stdin_buf and not registered:
+            sel.register(fileno, selectors.EVENT_WRITE, self.flush_stdin)
+        elif not self.stdin_buf:
+            if registered:
+                sel.unregister(fileno)
+            if self.stdin_eof:
+                stdin.close()
+
+    def on_output(self, fileno, events):
+        fd, pipe = self.pipes[fileno]
+        try:
+            data = os.read(fileno, CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.agent.sel.unregister(fileno)
+            del self.pipes[fileno]
+            pipe.close()
+            self.maybe_done()
+            return
+        room = self.cap - self.sent[fd]
+        if room <= 0:
+            self.truncated[fd] = True
+            return  # keep draining so the function never blocks on a full pipe
+        if len(data) > room:
+            data = data[:room]
+            self.truncated[fd] = True
+        self.sent[fd] += len(data)
+        send({"ev": "out", "id": self.id, "fd": fd}, data)
+
+    def on_exit(self, fileno, events):
+        self.agent.sel.unregister(fileno)
+        os.close(fileno)
+        self.pidfd = None
+        if self.status is None:
+            _, status = os.waitpid(self.proc.pid, 0)
+            self.proc.returncode = self.status = (
+                -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+        self.duration = (time.monotonic() - self.started) * 1000.0
+        # Its group, and anything it left behind, may still hold our pipes: end them all
+        # so the pipes reach EOF, and so nothing survives into the next function.
+        self.kill()
+        self.clean = self.agent.kill_others()
+        self.deadline = None
+        self.drain_until = time.monotonic() + 2.0
+        self.maybe_done()
+
+    def tick(self, now):
+        if self.deadline is not None and now >= self.deadline:
+            self.deadline = None
             self.timed_out = True
             self.kill()
-            status = self.proc.wait()
-        duration = (time.monotonic() - started) * 1000.0
-        # The group may hold children that still have our pipes open: end them all so the
-        # pumps see EOF, and so nothing survives into the next function.
-        self.kill()
-        clean = self.agent.kill_others()
-        self.stdin_queue.put((None, True))
-        for t in pumps:
-            t.join(2.0)
+        if self.drain_until is not None and now >= self.drain_until:
+            for fileno in list(self.pipes):
+                self.agent.sel.unregister(fileno)
+                self.pipes.pop(fileno)[1].close()
+            self.maybe_done()
+
+    def maybe_done(self):
+        if self.pidfd is not None or self.pipes or self.proc is None:
+            return
+        if self.stdin_fd in self.agent.sel.get_map():
+            self.agent.sel.unregister(self.stdin_fd)
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        status = self.status
         oom_after = oom_kills()
-        send({
-            "ev": "exit", "id": self.id,
+        self.finish({
             "exit_code": status if status >= 0 else None,
             "signal": -status if status < 0 else None,
-            "duration_ms": round(duration, 3),
+            "duration_ms": round(self.duration, 3),
             "timed_out": self.timed_out, "cancelled": self.cancelled,
-            "oom": bool(oom_before is not None and oom_after is not None
-                        and oom_after > oom_before),
+            "oom": bool(self.oom_before is not None and oom_after is not None
+                        and oom_after > self.oom_before),
             "truncated": {"stdout": self.truncated[1], "stderr": self.truncated[2]},
-            "clean": clean,
+            "clean": self.clean,
         })
+
+    def finish(self, fields):
+        self.agent.runs.pop(self.id, None)
+        if disk_low():  # the next function would find no room: have the container replaced
+            fields["clean"] = False
+        fields.update({"ev": "exit", "id": self.id})
+        send(fields)
+
+    def cancel(self):
+        self.cancelled = True
+        self.kill()
+
+    def kill(self):
+        if self.proc is not None and self.status is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def become_subreaper():
@@ -379,35 +483,7 @@ def become_subreaper():
 
 def main():
     become_subreaper()
-    agent = Agent()
-    reaper = threading.Thread(target=_reap_forever, args=(agent,), daemon=True)
-    reaper.start()
-    agent.serve()
-
-
-def _reap_forever(agent):
-    # Runs only reap children that are not ours: subprocess waits for its own by pid, and
-    # waitpid(-1) could steal those, so only reap pids that no Run owns.
-    while True:
-        time.sleep(0.5)
-        with agent.lock:
-            owned = {r.proc.pid for r in agent.runs.values() if r.proc is not None}
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            pid = int(name)
-            if pid in owned or pid == agent.me:
-                continue
-            try:
-                with open("/proc/%d/stat" % pid) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] == "Z" and int(fields[1]) == agent.me:
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
+    Agent().serve()
 
 
 if __name__ == "__main__":
