@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,8 @@ class Store:
 
 
 def _dump(record: Record) -> str:
-    data = asdict(record)
+    # vars(), not asdict(): asdict deep-copies the spec on every save of a hot path.
+    data = dict(vars(record))
     data.pop("seq")
     return json.dumps(data, separators=(",", ":"))
 
