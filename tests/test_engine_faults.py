@@ -65,6 +65,13 @@ def _dockerd_pids() -> list[int]:
     return pids
 
 
+def _start_dockerd() -> None:
+    # As .ci/run starts it: its own session, so it outlives this test process.
+    with open("/var/log/dockerd.log", "ab") as log:
+        subprocess.Popen(["dockerd"], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+
+
 def _engine_up() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 
@@ -95,10 +102,7 @@ async def test_engine_restart_mid_run(start_server, make_config, images):
                                                     "command": ["echo", "after restart"]})
             assert queued.status_code == 202 and queued.json()["status"] == "pending"
         finally:
-            log = open("/var/log/dockerd.log", "ab")  # noqa: SIM115 - handed to dockerd
-            subprocess.Popen(["dockerd"], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
-            log.close()
+            await trio.to_thread.run_sync(_start_dockerd)
             with trio.fail_after(60):
                 while not await trio.to_thread.run_sync(_engine_up):
                     await trio.sleep(0.5)

@@ -351,6 +351,9 @@ def _read(
     except urllib.error.URLError as exc:
         raise FetchError(f"{url}: {exc.reason}") from None
     except TimeoutError:
+        # The socket timeout is cut to what is left of the deadline: say which one ran out.
+        if time.monotonic() >= deadline:
+            raise too_slow from None
         raise FetchError(f"{url}: the server stopped responding") from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise FetchError(f"{url}: {str(exc) or type(exc).__name__}") from None

@@ -48,6 +48,8 @@ _MESSAGES = {
     "model_attributes_type": "must be a JSON object",
     "extra_forbidden": "unknown field",
     "missing": "required",
+    # Raised for a field name with a lone surrogate ("\ud800"), which pydantic cannot place.
+    "string_unicode": "a field name or string is not valid UTF-8 (a lone surrogate)",
 }
 
 
@@ -138,7 +140,8 @@ def _check_timeout(value: object, info: ValidationInfo) -> float:
         return limits.default_timeout
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("must be a number of seconds")
-    if not math.isfinite(value):
+    # Only floats can be infinite; isfinite() of a huge int (10**400) raises OverflowError.
+    if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{value!r}: must be a finite number of seconds")
     if value <= 0:
         raise ValueError(f"{value!r}: must be more than 0 seconds")
@@ -210,7 +213,9 @@ class Resource(BaseModel):
 
     @field_validator("text")
     @classmethod
-    def _text(cls, value: str, info: ValidationInfo) -> str:
+    def _text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:  # an explicit null: not given (validators run on it too)
+            return None
         _utf8(value)
         limit = _limits(info).max_file_bytes
         if len(value) > limit or len(value.encode("utf-8")) > limit:
@@ -219,7 +224,9 @@ class Resource(BaseModel):
 
     @field_validator("base64")
     @classmethod
-    def _base64(cls, value: str, info: ValidationInfo) -> str:
+    def _base64(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
         limit = _limits(info).max_file_bytes
         too_big = ValueError(f"more than {limit} bytes once decoded")
         if len(value) > (limit + 2) // 3 * 4:
@@ -234,7 +241,9 @@ class Resource(BaseModel):
 
     @field_validator("url")
     @classmethod
-    def _url(cls, value: str) -> str:
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         _no_nul(value)
         if len(value) > MAX_URL_CHARS:
             raise ValueError(f"longer than {MAX_URL_CHARS} characters")
@@ -253,7 +262,9 @@ class Resource(BaseModel):
 
     @field_validator("sha256")
     @classmethod
-    def _sha256(cls, value: str, info: ValidationInfo) -> str:
+    def _sha256(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
         if not _SHA256.fullmatch(value):
             raise ValueError("must be 64 hexadecimal digits")
         value = value.lower()
