@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 import trio
 
 from ._docker import Engine, EngineError, ImageMissing
-from ._runner import WORKDIR_ROOT, AgentRunner, ContainerLost, ExecRunner, NoAgent, OnOutput
+from ._runner import (
+    WORKDIR_ROOT,
+    AgentRunner,
+    ContainerLost,
+    ExecRunner,
+    NoAgent,
+    OnOutput,
+    Stdin,
+)
 from ._types import Job, Place, Profile, Result
 
 log = logging.getLogger("pool")
@@ -100,8 +108,14 @@ class Lease:
     def place(self) -> Place:
         return Place(self.container.id, self.workdir)
 
-    async def run(self, job: Job, on_output: OnOutput | None = None) -> Result:
+    async def run(self, job: Job, on_output: OnOutput | None = None,
+                  stdin: Stdin | None = None) -> Result:
         """Run ``job`` in the leased container; ``on_output(fd, data)`` sees output live.
+
+        Without ``stdin`` the function reads ``job.stdin`` then end-of-file. With it (a
+        receive channel of bytes) it reads ``job.stdin``, then each chunk as it arrives,
+        and end-of-file once the channel ends or is closed; the run stops reading the
+        channel when the function ends.
 
         On cancellation the function's processes are killed (the wait for that is
         shielded and bounded) before Cancelled propagates.
@@ -114,7 +128,7 @@ class Lease:
         self.container.workdirs[self.workdir] = None
         self.container.workdirs.move_to_end(self.workdir)
         try:
-            result = await runner.run(job, self.workdir, on_output)
+            result = await runner.run(job, self.workdir, on_output, stdin)
         except (ContainerLost, EngineError) as exc:
             runner.tainted = True
             result = Result("error", error=f"container failed: {exc}")

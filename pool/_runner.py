@@ -34,8 +34,11 @@ _HEAD = struct.Struct(">II")
 # container broken.
 KILL_GRACE = 3.0
 START_TIMEOUT = 20.0
+STDIN_CHUNK = 65536
 
 OnOutput = Callable[[int, bytes], None]
+# Live stdin: each chunk is fed as it comes; the channel's end is end-of-file.
+Stdin = trio.abc.ReceiveChannel[bytes]
 
 
 class NoAgent(Exception):
@@ -82,7 +85,8 @@ class Runner(Protocol):
 
     async def start(self, nursery: trio.Nursery) -> None: ...
 
-    async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None) -> Result: ...
+    async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None,
+                  stdin: Stdin | None = None) -> Result: ...
 
     async def drop(self, workdir: str) -> None: ...
 
@@ -179,7 +183,8 @@ class AgentRunner:
             for run in self._runs.values():
                 run.done.set()
 
-    async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None) -> Result:
+    async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None,
+                  stdin: Stdin | None = None) -> Result:
         if not self.alive:
             raise ContainerLost("agent is not running")
         rid = job.id or uuid.uuid4().hex
@@ -189,13 +194,17 @@ class AgentRunner:
         body = b"".join(f.data for f in job.files) + (job.stdin or b"")
         header = {
             "op": "run", "id": rid, "argv": job.argv, "env": job.env, "workdir": workdir,
-            "files": files, "timeout": job.timeout, "stdin_eof": True,
+            "files": files, "timeout": job.timeout, "stdin_eof": stdin is None,
             "cap": job.output_cap,
         }
         try:
             await self._send(header, body)
-            with trio.move_on_after(job.timeout + KILL_GRACE):
-                await run.done.wait()
+            async with trio.open_nursery() as nursery:
+                if stdin is not None:
+                    nursery.start_soon(self._forward_stdin, rid, stdin)
+                with trio.move_on_after(job.timeout + KILL_GRACE):
+                    await run.done.wait()
+                nursery.cancel_scope.cancel()
             if not run.done.is_set():
                 # The agent should have killed it at the deadline; ask once more.
                 with trio.CancelScope(shield=True):
@@ -207,6 +216,25 @@ class AgentRunner:
         finally:
             self._runs.pop(rid, None)
         return self._result(run)
+
+    async def _forward_stdin(self, rid: str, stdin: Stdin) -> None:
+        try:
+            async for chunk in stdin:
+                for i in range(0, len(chunk), STDIN_CHUNK):
+                    await self._send_whole({"op": "stdin", "id": rid, "eof": False},
+                                           chunk[i:i + STDIN_CHUNK])
+            await self._send_whole({"op": "stdin", "id": rid, "eof": True})
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the agent stream is gone: the reader notices and ends the run
+
+    async def _send_whole(self, header: dict, body: bytes = b"") -> None:
+        """Send one frame even when cancelled half-way: half a frame would wreck the stream."""
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + KILL_GRACE
+            await self._send(header, body)
+        if scope.cancelled_caught:
+            self.tainted = True
+            raise trio.BrokenResourceError("agent stopped reading")
 
     async def _stop(self, rid: str, run: _AgentRun) -> None:
         """Cancel a run and wait briefly for its end; taint the container if it won't end."""
@@ -265,6 +293,24 @@ _KILL_OTHERS = (
     'for d in /proc/[0-9]*; do p=${d#/proc/}; case " $PROT $$ " in *" $p "*) ;; '
     '*) kill -9 "$p" 2>/dev/null;; esac; done'
 )
+# True when the working directories' filesystem has under 1/8 of it free, as in the agent.
+_DISK_LOW = (f"s=$(stat -f -c '%a %b' {WORKDIR_ROOT} 2>/dev/null) && set -- $s && "
+             '[ $(($1 * 8)) -lt "$2" ]')
+
+
+class _MarkedOutput(Output):
+    """Output that takes ``marker``, written by our script after the function, off the end
+    of stderr. A function that prints it can only get its own container replaced."""
+
+    def __init__(self, cap: int, on_output: OnOutput | None, marker: bytes) -> None:
+        super().__init__(cap, on_output)
+        self.marker = marker
+        self.marked = False
+
+    def add(self, fd: int, data: bytes) -> None:
+        if fd == 2 and data.endswith(self.marker):
+            data, self.marked = data[:-len(self.marker)], True
+        super().add(fd, data)
 
 
 class ExecRunner:
@@ -297,20 +343,38 @@ class ExecRunner:
         return code, b"".join(output.parts[1]), b"".join(output.parts[2])
 
     async def _exec_stream(self, argv: list[str], stdin: bytes, env: dict[str, str] | None,
-                           output: Output) -> int | None:
+                           output: Output, live: Stdin | None = None) -> int | None:
         exec_id = await self.engine.exec_create(self.cid, argv, env=env)
         stream = await self.engine.exec_open(exec_id)
         try:
-            if stdin:
-                await stream.send(stdin)
-            await stream.close_stdin()
-            while (got := await stream.receive()) is not None:
-                output.add(*got)
+            if live is None:
+                if stdin:
+                    await stream.send(stdin)
+                await stream.close_stdin()
+                while (got := await stream.receive()) is not None:
+                    output.add(*got)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._feed, stream, stdin, live)
+                    while (got := await stream.receive()) is not None:
+                        output.add(*got)
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
         info = await self.engine.exec_inspect(exec_id)
         return info.get("ExitCode")
+
+    @staticmethod
+    async def _feed(stream: ExecStream, first: bytes, live: Stdin) -> None:
+        try:
+            if first:
+                await stream.send(first)
+            async for chunk in live:
+                await stream.send(chunk)
+            await stream.close_stdin()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the function ended, or closed its stdin
 
     async def _kill_others(self) -> None:
         with trio.move_on_after(KILL_GRACE) as scope:
@@ -318,23 +382,26 @@ class ExecRunner:
         if scope.cancelled_caught:
             self.tainted = True
 
-    async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None) -> Result:
+    async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None,
+                  stdin: Stdin | None = None) -> Result:
         wd = f"{WORKDIR_ROOT}/{workdir}"
         if job.files:
             refused = await self._put_files(wd, job.files)
             if refused:
                 return Result("refused", error=refused)
         env = {"UFAAS_WORKDIR": wd, "HOME": wd, "PWD": wd, **job.env}
+        # A disk left nearly full would fail the next function: the container is replaced.
+        disk_low = f"ufaas-disk-low-{uuid.uuid4().hex}\n"
         script = (f'mkdir -p "$0" && cd "$0" || exit 126; "$@"; rc=$?; PROT=\'{self.protected}\'; '
-                  f"{_KILL_OTHERS}; exit $rc")
-        output = Output(job.output_cap, on_output)
+                  f"{_KILL_OTHERS}; {_DISK_LOW} && printf {disk_low!r} >&2; exit $rc")
+        output = _MarkedOutput(job.output_cap, on_output, disk_low.encode())
         started = time.monotonic()
         outcome = "exited"
         code: int | None = None
         try:
             with trio.move_on_after(job.timeout) as deadline:
                 code = await self._exec_stream(["sh", "-c", script, wd, *job.argv],
-                                               job.stdin or b"", env, output)
+                                               job.stdin or b"", env, output, stdin)
             if deadline.cancelled_caught:
                 outcome = "timeout"
                 self.tainted = True
@@ -357,6 +424,8 @@ class ExecRunner:
                     result.signal = code - 128
             else:
                 result.exit_code = code
+        if output.marked:
+            self.tainted = True
         return output.fill(result)
 
     async def _container_running(self) -> bool:

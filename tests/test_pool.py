@@ -323,3 +323,44 @@ async def test_hardening(engine, images, test_id, test_labels, docker_client):
     assert host["LogConfig"]["Config"].get("max-size")
     assert attrs["Config"]["User"] == "65534:65534"
     assert result.stdout.decode().split() == ["65534", "CapEff:", "0000000000000000"]
+
+
+async def test_interactive_stdin(engine, image, test_id, test_labels):
+    # Reads a line, answers it, reads again: each answer must come before the next line
+    # is sent, so the stdin really is live.
+    script = ('echo ready; while read line; do echo "got:$line"; done; echo eof')
+    seen = bytearray()
+    changed = trio.Event()
+
+    def on_output(fd, data):
+        nonlocal changed
+        seen.extend(data)
+        changed.set()
+        changed = trio.Event()
+
+    async def until(text):
+        while text not in seen:
+            await changed.wait()
+
+    with trio.fail_after(60):
+        async with serving(engine, image, test_id, test_labels) as pool:
+            send, receive = trio.open_memory_channel(8)
+            async with pool.lease() as lease, trio.open_nursery() as nursery:
+                results = []
+
+                async def run_it():
+                    results.append(await lease.run(
+                        Job(["sh", "-c", script], stdin=b"first\n"), on_output, receive))
+
+                nursery.start_soon(run_it)
+                await until(b"got:first\n")
+                await send.send(b"one\n")
+                await until(b"got:one\n")
+                await send.send(b"tw")
+                await send.send(b"o\n")
+                await until(b"got:two\n")
+                assert b"eof" not in seen
+                await send.aclose()
+            (result,) = results
+    assert result.outcome == "exited" and result.exit_code == 0, result
+    assert result.stdout == b"ready\ngot:first\ngot:one\ngot:two\neof\n"

@@ -1,4 +1,5 @@
-"""The HTTP API: translates requests into :class:`~ufaas.service.Service` calls.
+"""The HTTP API: translates requests into :class:`~ufaas.service.Service` calls; the
+WebSocket route hands its socket to :mod:`ufaas.ws`.
 
 Every error is JSON ``{"error": message, "detail": ...}`` with a 4xx status naming the
 problem; nothing a caller sends may produce a 500.
@@ -12,13 +13,14 @@ import logging
 import math
 from typing import Any
 
-from quart import Response, request, websocket
+from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .service import Conflict, NotFound, QueueFull, Service
 from .store import STATUSES
 from .tasks import SpecError
+from .ws import serve_socket
 
 log = logging.getLogger("ufaas")
 
@@ -64,6 +66,7 @@ def _flag(name: str) -> bool:
 
 async def _json_body() -> Any:
     data = await request.get_data(cache=False)
+    g.body_read = True
     if not data:
         raise BadRequest("request body is empty: send a JSON object")
     try:
@@ -96,6 +99,15 @@ def create_app(service: Service) -> QuartTrio:
         if not authorized(request.headers, request.args):
             return error(401, "missing or wrong token", headers={"WWW-Authenticate": "Bearer"})
         return None
+
+    @app.after_request
+    async def close_if_body_unread(response: Response) -> Response:
+        # A body we never read (refused before reading it, or sent where none belongs)
+        # would stall the client's next request on this connection: close it instead.
+        has_body = request.content_length or "Transfer-Encoding" in request.headers
+        if has_body and not g.get("body_read"):
+            response.headers["Connection"] = "close"
+        return response
 
     @app.before_websocket
     async def check_ws_token() -> Response | None:
@@ -132,8 +144,10 @@ def create_app(service: Service) -> QuartTrio:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error(500, "internal error", type(exc).__name__)
 
-    async def created(record_id: str) -> Response:
-        wait = _number("wait", None, lo=0, hi=config.max_wait)
+    def wait_arg() -> float | None:
+        return _number("wait", None, lo=0, hi=config.max_wait)
+
+    async def created(record_id: str, wait: float | None) -> Response:
         record = service.get(record_id)
         headers = {"Location": f"/fn/{record_id}"}
         if wait:
@@ -153,20 +167,21 @@ def create_app(service: Service) -> QuartTrio:
 
     @app.post("/fn")
     async def create_function() -> Response:
+        wait = wait_arg()  # a bad query refuses the request before anything is queued
         body = await _json_body()
-        return await created(service.create(body).id)
+        return await created(service.create(body).id, wait)
 
     @app.get("/fn/<fid>")
     async def show_function(fid: str) -> Response:
-        wait = _number("wait", None, lo=0, hi=config.max_wait)
+        wait = wait_arg()
         record = await service.wait(fid, wait) if wait else service.get(fid)
         return reply(record.public())
 
     @app.post("/fn/<fid>")
     async def follow_function(fid: str) -> Response:
-        strict = _flag("strict")
+        strict, wait = _flag("strict"), wait_arg()
         body = await _json_body()
-        return await created(service.create(body, after=fid, strict=strict).id)
+        return await created(service.create(body, after=fid, strict=strict).id, wait)
 
     @app.put("/fn/<fid>")
     async def update_function(fid: str) -> Response:
@@ -191,5 +206,14 @@ def create_app(service: Service) -> QuartTrio:
         if await service.healthy():
             return reply({"status": "ok"})
         return error(503, "the Docker engine does not answer")
+
+    @app.get("/watchers")
+    async def watchers() -> Response:
+        return reply(service.watchers())
+
+    @app.websocket("/fn/ws")
+    async def fn_socket() -> None:
+        await websocket.accept()
+        await serve_socket(service, websocket.receive, websocket.send)
 
     return app

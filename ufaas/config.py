@@ -76,6 +76,8 @@ class Config(BaseModel):
     max_file_bytes: int = Field(8 * MiB, ge=0)
     max_total_bytes: int = Field(32 * MiB, ge=0)
     output_cap: int = Field(1 * MiB, ge=1024, description="bytes kept per stream")
+    stream_buffer: int = Field(1 * MiB, ge=65536, description="bytes of live output "
+                               "buffered per WebSocket client before it misses some")
     # Scheduling.
     queue_limit: int = Field(1000, ge=1, description="pending functions before 429")
     queue_timeout: float = Field(600.0, gt=0, description="longest wait for a container")

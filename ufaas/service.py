@@ -20,6 +20,7 @@ from pool import Engine, Job, Place, PoolError, Pools, Profile
 
 from .config import Config
 from .fetch import Downloader, FetchError
+from .live import StdinClosed, StdinPipe, Transcript, Watcher, output_events
 from .store import ACTIVE, FINISHED, Record, Store
 from .tasks import (
     SpecError,
@@ -61,6 +62,9 @@ class Active:
     changed: trio.Event = field(default_factory=trio.Event)
     stdout: list[bytes] = field(default_factory=list)
     stderr: list[bytes] = field(default_factory=list)
+    # The output as sent to watchers, for replays; and live stdin when created interactive.
+    transcript: Transcript = field(default_factory=Transcript)
+    stdin: StdinPipe | None = None
 
 
 def _text(parts: list[bytes] | bytes) -> str:
@@ -87,6 +91,7 @@ class Service:
         self._pending = 0
         self._nursery: trio.Nursery | None = None
         self.listeners: set[Listener] = set()
+        self._watchers: set[Watcher] = set()
 
     # -- life -----------------------------------------------------------------------------
 
@@ -125,8 +130,14 @@ class Service:
 
     # -- requests -------------------------------------------------------------------------
 
-    def create(self, body: object, after: str | None = None, strict: bool = False) -> Record:
-        """Validate and queue a function; raise SpecError, NotFound, Conflict, QueueFull."""
+    def create(self, body: object, after: str | None = None, strict: bool = False, *,
+               interactive: bool = False) -> Record:
+        """Validate and queue a function; raise SpecError, NotFound, Conflict, QueueFull.
+
+        An ``interactive`` function reads its spec's ``stdin``, then what :meth:`feed` gives
+        it, until :meth:`feed` sends end-of-file or it ends; any other reads end-of-file
+        after its spec's ``stdin``.
+        """
         predecessor = None
         if after is not None:
             predecessor = self.get(after)
@@ -141,7 +152,7 @@ class Service:
             raise QueueFull(f"{self._pending} functions are pending")
         record = Record(id=str(uuid.uuid4()), spec=_dump(spec), after=after)
         self.store.insert(record)
-        self._start(record, strict=strict)
+        self._start(record, strict=strict, interactive=interactive)
         return record
 
     def update(self, fid: str, body: object) -> Record:
@@ -201,6 +212,77 @@ class Service:
             self.store.delete(fid)
         return record
 
+    def is_active(self, fid: str) -> bool:
+        return fid in self._active
+
+    async def feed(self, fid: str, data: bytes, eof: bool = False) -> None:
+        """Give an interactive function more stdin, or its end-of-file.
+
+        Waits while a lot of its stdin is still unread (it may not have started yet).
+        Raise NotFound, or Conflict when the function is not interactive, has had its
+        end-of-file or has ended.
+        """
+        active = self._active.get(fid)
+        if active is None:
+            record = self.get(fid)
+            raise Conflict(f"function {fid} is {record.status}: its stdin is closed")
+        if active.stdin is None:
+            raise Conflict(f"function {fid} was not created over a WebSocket: it reads only "
+                           "the stdin of its spec")
+        try:
+            await active.stdin.send(data, eof)
+        except StdinClosed as exc:
+            raise Conflict(f"function {fid}: {exc}") from None
+
+    def close_stdin(self, fid: str) -> None:
+        """End-of-file for an interactive function's stdin, if it is still open."""
+        active = self._active.get(fid)
+        if active is not None and active.stdin is not None:
+            active.stdin.close()
+
+    # -- watching -------------------------------------------------------------------------
+
+    def subscribe(self, **limits: int) -> Watcher:
+        """A new :class:`Watcher` that gets the events of what it watches; ``unsubscribe`` it."""
+        watcher = Watcher(**{"max_bytes": self.config.stream_buffer, **limits})
+        self._watchers.add(watcher)
+        return watcher
+
+    def unsubscribe(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+
+    def watch(self, fid: str, watcher: Watcher) -> list[dict[str, Any]]:
+        """Follow function ``fid`` (``*``: the status of every function); its replay.
+
+        The replay holds its status and output so far (for a finished function, also its
+        exit); live events follow with nothing missing or doubled, since taking the replay
+        and following happen in one step with no checkpoint. Raise NotFound.
+        """
+        if fid == "*":
+            watcher.follow("*")
+            return [{"event": "status", "id": a.record.id, "status": a.record.status}
+                    for a in self._active.values()]
+        active = self._active.get(fid)
+        if active is not None:
+            record = active.record
+            # Finished but not yet announced: its final status comes live with its exit.
+            status = record.status if not record.finished else (
+                "running" if record.started_at else "pending")
+            watcher.follow(fid)
+            return [{"event": "status", "id": fid, "status": status},
+                    *active.transcript.events(fid)]
+        record = self.get(fid)
+        replay = [{"event": "status", "id": fid, "status": record.status},
+                  *output_events(fid, "stdout", record.stdout),
+                  *output_events(fid, "stderr", record.stderr)]
+        if record.finished:
+            replay.append(_exit_event(record))
+        return replay
+
+    def watchers(self) -> list[dict[str, Any]]:
+        """The statistics of every watcher (one per WebSocket client)."""
+        return [vars(w.statistics()) for w in self._watchers]
+
     def statistics(self) -> list[dict[str, Any]]:
         out = []
         for p in self.pools:
@@ -216,13 +298,14 @@ class Service:
 
     # -- running --------------------------------------------------------------------------
 
-    def _start(self, record: Record, strict: bool = False) -> None:
+    def _start(self, record: Record, strict: bool = False, interactive: bool = False) -> None:
         if self._nursery is None:
             raise RuntimeError("service is not serving")
-        active = Active(record)
+        active = Active(record, stdin=StdinPipe() if interactive else None)
         self._active[record.id] = active
         self._pending += 1
         self._nursery.start_soon(self._run, active, strict)
+        self._publish({"event": "status", "id": record.id, "status": record.status})
 
     def _container_alive(self, record: Record) -> bool:
         if not record.container:
@@ -251,10 +334,14 @@ class Service:
                 if record.status == "running":
                     self._finish(record, "cancelled", error="cancelled by server shutdown")
             self._active.pop(record.id, None)
+            if active.stdin is not None:
+                active.stdin.close()
             active.started.set()
             active.done.set()
-            self._publish({"event": "exit", "id": record.id, "status": record.status,
-                           "exit_code": record.exit_code})
+            for stream, text in active.transcript.close():
+                self._publish({"event": stream, "id": record.id, "data": text})
+            self._publish({"event": "status", "id": record.id, "status": record.status})
+            self._publish(_exit_event(record))
 
     async def _execute(self, active: Active, strict: bool) -> None:
         record = active.record
@@ -307,12 +394,11 @@ class Service:
 
         def on_output(fd: int, data: bytes) -> None:
             (active.stdout if fd == 1 else active.stderr).append(data)
-            if self.listeners:
-                self._publish({"event": "stdout" if fd == 1 else "stderr", "id": record.id,
-                               "data": data.decode("utf-8", errors="replace")})
+            for stream, text in active.transcript.add(fd, data):
+                self._publish({"event": stream, "id": record.id, "data": text})
 
         try:
-            result = await lease.run(job, on_output)
+            result = await lease.run(job, on_output, active.stdin)
         finally:
             lease.discard = active.discard
         record.stdout, record.stderr = _text(result.stdout), _text(result.stderr)
@@ -368,6 +454,13 @@ class Service:
     def _publish(self, event: dict[str, Any]) -> None:
         for listener in list(self.listeners):
             listener(event)
+        for watcher in self._watchers:
+            watcher.offer(event)
+
+
+def _exit_event(record: Record) -> dict[str, Any]:
+    return {"event": "exit", "id": record.id, "status": record.status,
+            "exit_code": record.exit_code, "signal": record.signal, "error": record.error}
 
 
 def _dump(spec: TaskSpec) -> dict[str, Any]:
