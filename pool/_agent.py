@@ -107,15 +107,20 @@ def write_files(workdir_fd, files, body):
             os.close(fd)
 
 
+_OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
+_oom_file = []  # the one that exists here, found on first use
+
+
 def oom_kills():
     """The container cgroup's OOM kill count, or None where the kernel does not say."""
-    for path, key in (("/sys/fs/cgroup/memory.events", "oom_kill"),
-                      ("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill")):
+    for path in _oom_file or _OOM_FILES:
         try:
-            with open(path) as f:
+            with open(path, "rb") as f:
                 for line in f:
-                    name, _, value = line.partition(" ")
-                    if name == key:
+                    name, _, value = line.partition(b" ")
+                    if name == b"oom_kill":
+                        if not _oom_file:
+                            _oom_file.append(path)
                         return int(value)
         except (OSError, ValueError):
             continue
@@ -148,6 +153,7 @@ class Agent:
         self.protected = set(other_pids(())) | {1, self.me}
         self.runs = {}
         self.sel = selectors.DefaultSelector()
+        self.env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
         self.inbox = bytearray()
         self.open = True
         os.makedirs(ROOT, exist_ok=True)
@@ -194,6 +200,8 @@ class Agent:
         op = header.get("op")
         run = self.runs.get(header.get("id"))
         if op == "run":
+            for token in header.get("drop") or ():
+                self.drop(token)
             run = Run(self, header, body)
             self.runs[run.id] = run
             run.start()
@@ -204,8 +212,7 @@ class Agent:
             if run is not None:
                 run.cancel()
         elif op == "drop":
-            shutil.rmtree(os.path.join(ROOT, os.path.basename(header["workdir"])),
-                          ignore_errors=True)
+            self.drop(header["workdir"])
         elif op == "hello":
             send({"ev": "hello", "pid": self.me, "python": list(sys.version_info[:3]),
                   "oom": oom_kills() is not None})
@@ -213,6 +220,9 @@ class Agent:
             send({"ev": "pong", "n": header.get("n")})
         else:
             send({"ev": "error", "message": "unknown op %r" % op})
+
+    def drop(self, token):
+        shutil.rmtree(os.path.join(ROOT, os.path.basename(token)), ignore_errors=True)
 
     def kill_others(self):
         """SIGKILL every process but the protected ones; True when none is left."""
@@ -279,9 +289,11 @@ class Run:
         except Exception as exc:
             return self.finish({"error": "%s: %s" % (type(exc).__name__, exc),
                                 "clean": self.agent.kill_others()})
-        env = dict(os.environ)
-        env.update({"UFAAS_WORKDIR": workdir, "HOME": workdir, "PWD": workdir})
-        env.update(h.get("env") or {})
+        # Bytes, from a copy encoded once: Popen would encode every variable on every run.
+        env = dict(self.agent.env)
+        for key, value in (("UFAAS_WORKDIR", workdir), ("HOME", workdir), ("PWD", workdir),
+                           *(h.get("env") or {}).items()):
+            env[os.fsencode(key)] = os.fsencode(value)
         self.oom_before = oom_kills()
         self.started = time.monotonic()
         try:

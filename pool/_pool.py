@@ -330,7 +330,7 @@ class Pool:
             return
         while len(c.workdirs) > self.workdirs_kept:
             old, _ = c.workdirs.popitem(last=False)
-            self._spawn(self._drop_workdir, c, old)
+            runner.drop(old)
         self._hand_over(c)
 
     def _hand_over(self, c: Container) -> None:
@@ -380,14 +380,14 @@ class Pool:
             except EngineError as exc:
                 log.warning("pool %s: could not remove %s: %s", self.name, c.short_id, exc)
 
-    async def _drop_workdir(self, c: Container, workdir: str) -> None:
-        try:
-            with trio.move_on_after(self.engine.call_timeout):
-                await c.runner.drop(workdir)
-        except (EngineError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-
     # -- background -----------------------------------------------------------------------
+
+    def _lost(self, cid: str) -> None:
+        """A container's agent stream ended: replace the container if nobody holds it."""
+        c = self._containers.get(cid)
+        if c is not None and c.state == "idle":
+            self._retire(c)
+        self._wake.set()
 
     def _deficit(self) -> int:
         total = len(self._containers) + self._starting
@@ -455,7 +455,7 @@ class Pool:
     async def _start_runner(self, cid: str) -> AgentRunner | ExecRunner:
         assert self._nursery is not None
         if self.mode in (None, "agent"):
-            agent = AgentRunner(self.engine, cid)
+            agent = AgentRunner(self.engine, cid, on_lost=lambda: self._lost(cid))
             try:
                 await agent.start(self._nursery)
                 self.mode = "agent"

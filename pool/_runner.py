@@ -88,7 +88,8 @@ class Runner(Protocol):
     async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None,
                   stdin: Stdin | None = None) -> Result: ...
 
-    async def drop(self, workdir: str) -> None: ...
+    def drop(self, workdir: str) -> None:
+        """Forget a working directory; it is deleted as part of the next run."""
 
     async def aclose(self) -> None: ...
 
@@ -107,11 +108,14 @@ class AgentRunner:
     and a few back.
     """
 
-    def __init__(self, engine: Engine, cid: str) -> None:
+    def __init__(self, engine: Engine, cid: str,
+                 on_lost: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.cid = cid
         self.alive = False
         self.tainted = False
+        self.on_lost = on_lost
+        self.drops: list[str] = []
         self._stream: ExecStream | None = None
         self._exec_id = ""
         self._buf = bytearray()
@@ -182,6 +186,8 @@ class AgentRunner:
             self._lost.set()
             for run in self._runs.values():
                 run.done.set()
+            if self.on_lost is not None:  # the pool replaces us now, not at its next check
+                self.on_lost()
 
     async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None,
                   stdin: Stdin | None = None) -> Result:
@@ -195,8 +201,9 @@ class AgentRunner:
         header = {
             "op": "run", "id": rid, "argv": job.argv, "env": job.env, "workdir": workdir,
             "files": files, "timeout": job.timeout, "stdin_eof": stdin is None,
-            "cap": job.output_cap,
+            "cap": job.output_cap, "drop": self.drops,
         }
+        self.drops = []
         try:
             await self._send(header, body)
             async with trio.open_nursery() as nursery:
@@ -277,9 +284,9 @@ class AgentRunner:
         if self.alive:
             await self._send({"op": "cancel", "id": rid})
 
-    async def drop(self, workdir: str) -> None:
-        if self.alive:
-            await self._send({"op": "drop", "workdir": workdir})
+    def drop(self, workdir: str) -> None:
+        # Carried by the next run message: no extra message on the hot path.
+        self.drops.append(workdir)
 
     async def aclose(self) -> None:
         self.alive = False
@@ -326,6 +333,7 @@ class ExecRunner:
         self.alive = False
         self.tainted = False
         self.protected = "1"
+        self.drops: list[str] = []
 
     async def start(self, nursery: trio.Nursery) -> None:
         code, out, err = await self._exec(["sh", "-c", "cd /proc && echo [0-9]*; echo $$"])
@@ -392,8 +400,12 @@ class ExecRunner:
         env = {"UFAAS_WORKDIR": wd, "HOME": wd, "PWD": wd, **job.env}
         # A disk left nearly full would fail the next function: the container is replaced.
         disk_low = f"ufaas-disk-low-{uuid.uuid4().hex}\n"
-        script = (f'mkdir -p "$0" && cd "$0" || exit 126; "$@"; rc=$?; PROT=\'{self.protected}\'; '
-                  f"{_KILL_OTHERS}; {_DISK_LOW} && printf {disk_low!r} >&2; exit $rc")
+        # Forgotten workdirs go in the same exec: a separate one would double engine calls.
+        drops = "".join(f"rm -rf {WORKDIR_ROOT}/{d}; " for d in self.drops)
+        self.drops = []
+        script = (f'{drops}mkdir -p "$0" && cd "$0" || exit 126; "$@"; rc=$?; '
+                  f"PROT='{self.protected}'; {_KILL_OTHERS}; "
+                  f"{_DISK_LOW} && printf {disk_low!r} >&2; exit $rc")
         output = _MarkedOutput(job.output_cap, on_output, disk_low.encode())
         started = time.monotonic()
         outcome = "exited"
@@ -458,8 +470,8 @@ class ExecRunner:
     async def cancel(self, rid: str) -> None:
         await self._kill_others()
 
-    async def drop(self, workdir: str) -> None:
-        await self._exec(["rm", "-rf", f"{WORKDIR_ROOT}/{workdir}"])
+    def drop(self, workdir: str) -> None:
+        self.drops.append(workdir)
 
     async def aclose(self) -> None:
         self.alive = False

@@ -65,6 +65,7 @@ class Active:
     # The output as sent to watchers, for replays; and live stdin when created interactive.
     transcript: Transcript = field(default_factory=Transcript)
     stdin: StdinPipe | None = None
+    spec: TaskSpec | None = None
 
 
 def _text(parts: list[bytes] | bytes) -> str:
@@ -152,7 +153,7 @@ class Service:
             raise QueueFull(f"{self._pending} functions are pending")
         record = Record(id=str(uuid.uuid4()), spec=_dump(spec), after=after)
         self.store.insert(record)
-        self._start(record, strict=strict, interactive=interactive)
+        self._start(record, strict=strict, interactive=interactive, spec=spec)
         return record
 
     def update(self, fid: str, body: object) -> Record:
@@ -163,8 +164,9 @@ class Service:
         update = parse_update(body, self.limits)
         spec = merge(parse_spec(record.spec, self.limits), update, self.limits)
         record.spec = _dump(spec)
-        self.store.save(record)
+        self.store.save(record, spec=True)
         if active is not None:
+            active.spec = spec
             active.changed.set()
         return record
 
@@ -191,6 +193,8 @@ class Service:
         if active is not None:
             with trio.move_on_after(min(timeout, self.config.max_wait)):
                 await active.done.wait()
+            if active.done.is_set():
+                return active.record  # the saved record, without reading it back
         return self.get(fid)
 
     async def cancel(self, fid: str, remove_container: bool = False, purge: bool = False
@@ -298,10 +302,11 @@ class Service:
 
     # -- running --------------------------------------------------------------------------
 
-    def _start(self, record: Record, strict: bool = False, interactive: bool = False) -> None:
+    def _start(self, record: Record, strict: bool = False, interactive: bool = False,
+               spec: TaskSpec | None = None) -> None:
         if self._nursery is None:
             raise RuntimeError("service is not serving")
-        active = Active(record, stdin=StdinPipe() if interactive else None)
+        active = Active(record, stdin=StdinPipe() if interactive else None, spec=spec)
         self._active[record.id] = active
         self._pending += 1
         self._nursery.start_soon(self._run, active, strict)
@@ -347,7 +352,9 @@ class Service:
         record = active.record
         near = await self._place_of(record.after) if record.after else None
         while True:
-            spec = parse_spec(record.spec, self.limits)
+            # Validated when accepted (and on PUT): re-parsing only what came from the store.
+            spec = active.spec if active.spec is not None else parse_spec(record.spec,
+                                                                          self.limits)
             try:
                 files = await self._files(spec)
             except FetchError as exc:

@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS functions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL,
+    spec TEXT NOT NULL,
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS functions_status ON functions (status, seq);
@@ -107,18 +108,23 @@ class Store:
 
     def insert(self, record: Record) -> Record:
         cur = self._db.execute(
-            "INSERT INTO functions (id, status, record) VALUES (?, ?, ?)",
-            (record.id, record.status, _dump(record)),
+            "INSERT INTO functions (id, status, spec, record) VALUES (?, ?, ?, ?)",
+            (record.id, record.status, _dumps(record.spec), _dump(record)),
         )
         record.seq = cur.lastrowid
         return record
 
-    def save(self, record: Record) -> None:
-        self._db.execute("UPDATE functions SET status = ?, record = ? WHERE id = ?",
-                         (record.status, _dump(record), record.id))
+    def save(self, record: Record, *, spec: bool = False) -> None:
+        """Write the record back; its spec too only when asked (it rarely changes)."""
+        if spec:
+            self._db.execute("UPDATE functions SET status = ?, spec = ?, record = ? WHERE id = ?",
+                             (record.status, _dumps(record.spec), _dump(record), record.id))
+        else:
+            self._db.execute("UPDATE functions SET status = ?, record = ? WHERE id = ?",
+                             (record.status, _dump(record), record.id))
 
     def get(self, fid: str) -> Record | None:
-        row = self._db.execute("SELECT seq, record FROM functions WHERE id = ?",
+        row = self._db.execute("SELECT seq, spec, record FROM functions WHERE id = ?",
                                (fid,)).fetchone()
         return _load(row) if row else None
 
@@ -126,11 +132,11 @@ class Store:
         """Newest first; ``statuses`` None means all."""
         if statuses is None:
             rows = self._db.execute(
-                "SELECT seq, record FROM functions ORDER BY seq DESC LIMIT ?", (limit,))
+                "SELECT seq, spec, record FROM functions ORDER BY seq DESC LIMIT ?", (limit,))
         else:
             marks = ",".join("?" * len(statuses))
             rows = self._db.execute(
-                f"SELECT seq, record FROM functions WHERE status IN ({marks}) "
+                f"SELECT seq, spec, record FROM functions WHERE status IN ({marks}) "
                 "ORDER BY seq DESC LIMIT ?", (*statuses, limit))
         return [_load(r) for r in rows]
 
@@ -152,15 +158,20 @@ class Store:
         return sorted(self.list(("pending",), limit=1 << 30), key=lambda r: r.seq or 0)
 
 
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _dump(record: Record) -> str:
-    # vars(), not asdict(): asdict deep-copies the spec on every save of a hot path.
+    # vars(), not asdict(): asdict deep-copies; the spec has its own column, written once.
     data = dict(vars(record))
-    data.pop("seq")
-    return json.dumps(data, separators=(",", ":"))
+    del data["seq"], data["spec"]
+    return _dumps(data)
 
 
-def _load(row: tuple[int, str]) -> Record:
-    data = json.loads(row[1])
+def _load(row: tuple[int, str, str]) -> Record:
+    data = json.loads(row[2])
+    data["spec"] = json.loads(row[1])
     record = Record(**{k: v for k, v in data.items() if k in _FIELDS})
     record.seq = row[0]
     return record
