@@ -106,3 +106,15 @@ async def start_server(nursery, test_id, test_labels):
     yield start
     for client in clients:
         await client.aclose()
+
+
+@pytest.fixture
+def python_config(make_config, images):
+    """make_config with a warm python pool (min_idle 1, max 2) unless told otherwise."""
+    from ufaas.config import PoolConfig
+
+    def make(**kw):
+        kw.setdefault("pools", [PoolConfig(image=images.python, min_idle=1, max=2)])
+        return make_config(**kw)
+
+    return make

@@ -16,14 +16,6 @@ from ufaas.config import PoolConfig
 
 
 @pytest.fixture
-def python_config(make_config, images):
-    def make(**kw):
-        kw.setdefault("pools", [PoolConfig(image=images.python, min_idle=1, max=2)])
-        return make_config(**kw)
-    return make
-
-
-@pytest.fixture
 def file_server():
     """A real local HTTP server for URL resources."""
     content = b"def tool():\n    return 'tool ok'\n"

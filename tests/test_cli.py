@@ -16,17 +16,10 @@ import trio
 
 import ufaas
 from ufaas.client import Client, ClientError, SyncClient
-from ufaas.config import PoolConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def python_config(make_config, images):
-    def make(**kw):
-        kw.setdefault("pools", [PoolConfig(image=images.python, min_idle=1, max=2)])
-        return make_config(**kw)
-    return make
 
 
 def ufaas_command() -> list[str]:

@@ -10,17 +10,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected, open_websocket_url, wrap_client_stream
 
-from ufaas.config import PoolConfig
-
 MAX_MESSAGE = 16 << 20
 
 
-@pytest.fixture
-def python_config(make_config, images):
-    def make(**kw):
-        kw.setdefault("pools", [PoolConfig(image=images.python, min_idle=1, max=2)])
-        return make_config(**kw)
-    return make
 
 
 def ws_url(client, query: str = "") -> str:

@@ -205,16 +205,24 @@ class Downloader:
             del self._by_hash[digest]
 
 
-def _check_url(url: str) -> None:
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be fetched (not http/https, no host, unparsable), or None."""
     try:
         parts = urlsplit(url)
         host = parts.hostname
     except ValueError as exc:
-        raise FetchError(f"{url}: {exc}") from None
+        return str(exc)
     if parts.scheme.lower() not in ("http", "https"):
-        raise FetchError(f"{url}: only http and https URLs can be fetched")
+        return "only http and https URLs can be fetched"
     if not host:
-        raise FetchError(f"{url}: no host")
+        return "no host"
+    return None
+
+
+def _check_url(url: str) -> None:
+    problem = url_problem(url)
+    if problem is not None:
+        raise FetchError(f"{url}: {problem}")
 
 
 class _Connections:
@@ -246,24 +254,24 @@ class _Connections:
                 pass  # already closed
 
 
-class _HTTPConnection(http.client.HTTPConnection):
+class _Tracked:
+    """Registers each socket it opens, so an abandoned download can be shut down."""
+
     def __init__(self, host: str, *, connections: _Connections, **kwargs: Any) -> None:
-        super().__init__(host, **kwargs)
+        super().__init__(host, **kwargs)  # type: ignore[call-arg]
         self._connections = connections
 
     def connect(self) -> None:
-        super().connect()
-        self._connections.add(self.sock)
+        super().connect()  # type: ignore[misc]
+        self._connections.add(self.sock)  # type: ignore[attr-defined]
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, *, connections: _Connections, **kwargs: Any) -> None:
-        super().__init__(host, **kwargs)
-        self._connections = connections
+class _HTTPConnection(_Tracked, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        self._connections.add(self.sock)
+
+class _HTTPSConnection(_Tracked, http.client.HTTPSConnection):
+    pass
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):

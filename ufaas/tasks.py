@@ -13,7 +13,6 @@ import re
 from base64 import b64decode
 from dataclasses import dataclass
 from typing import Annotated
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -32,6 +31,8 @@ from pydantic import (
 )
 
 from pool import BadFile, File, check_files, check_path
+
+from .fetch import url_problem
 
 MiB = 1 << 20
 DEFAULT_MODE = 0o644
@@ -249,15 +250,9 @@ class Resource(BaseModel):
             raise ValueError(f"longer than {MAX_URL_CHARS} characters")
         if any(c.isspace() or ord(c) < 0x20 for c in value):
             raise ValueError(f"{value!r}: contains whitespace or control characters")
-        try:
-            parts = urlsplit(value)
-            host = parts.hostname
-        except ValueError as exc:
-            raise ValueError(f"{value!r}: {exc}") from None
-        if parts.scheme.lower() not in ("http", "https"):
-            raise ValueError(f"{value!r}: only http and https URLs are allowed")
-        if not host:
-            raise ValueError(f"{value!r}: no host")
+        problem = url_problem(value)
+        if problem is not None:
+            raise ValueError(f"{value!r}: {problem}")
         return value
 
     @field_validator("sha256")
