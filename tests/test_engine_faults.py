@@ -57,11 +57,13 @@ def _dockerd_pids() -> list[int]:
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
-                with open(f"/proc/{name}/comm") as f:
-                    if f.read().strip() == "dockerd":
-                        pids.append(int(name))
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().split()
             except OSError:
                 continue
+            # A zombie is gone for our purposes, however long it waits to be reaped.
+            if fields[1] == "(dockerd)" and fields[2] != "Z":
+                pids.append(int(name))
     return pids
 
 
