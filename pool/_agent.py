@@ -23,6 +23,8 @@ CHUNK = 65536
 # The parent of every working directory: write+search but no read for its owner, so a
 # function cannot list its siblings by accident (best effort: same uid could chmod it).
 ROOT = os.environ.get("UFAAS_ROOT", "/tmp/ufaas")
+# World-writable places a function may leave files in, outside its working directory.
+TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 _out = sys.stdout.buffer
 _out_lock = threading.Lock()
@@ -220,6 +222,25 @@ class Agent:
             send({"ev": "pong", "n": header.get("n")})
         else:
             send({"ev": "error", "message": "unknown op %r" % op})
+
+    def wipe_temp(self):
+        """Empty the shared temporary directories: only a working directory outlives a run."""
+        for top in TEMP_DIRS:
+            try:
+                names = os.listdir(top)
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(top, name)
+                if path == ROOT:
+                    continue
+                try:
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.unlink(path)
+                except OSError:
+                    pass  # not ours to delete (another user's, or the image's own)
 
     def drop(self, token):
         shutil.rmtree(os.path.join(ROOT, os.path.basename(token)), ignore_errors=True)
@@ -428,6 +449,7 @@ class Run:
         # so the pipes reach EOF, and so nothing survives into the next function.
         self.kill()
         self.clean = self.agent.kill_others()
+        self.agent.wipe_temp()
         self.deadline = None
         self.drain_until = time.monotonic() + 2.0
         self.maybe_done()

@@ -300,6 +300,11 @@ _KILL_OTHERS = (
     'for d in /proc/[0-9]*; do p=${d#/proc/}; case " $PROT $$ " in *" $p "*) ;; '
     '*) kill -9 "$p" 2>/dev/null;; esac; done'
 )
+# Empty the shared temporary directories but the workdirs' root, as the agent does.
+_WIPE_TEMP = (
+    f'for f in /tmp/* /tmp/.[!.]* /var/tmp/* /var/tmp/.[!.]* /dev/shm/* /dev/shm/.[!.]*; do '
+    f'[ "$f" = {WORKDIR_ROOT} ] || rm -rf "$f" 2>/dev/null; done'
+)
 # True when the working directories' filesystem has under 1/8 of it free, as in the agent.
 _DISK_LOW = (f"s=$(stat -f -c '%a %b' {WORKDIR_ROOT} 2>/dev/null) && set -- $s && "
              '[ $(($1 * 8)) -lt "$2" ]')
@@ -404,7 +409,7 @@ class ExecRunner:
         drops = "".join(f"rm -rf {WORKDIR_ROOT}/{d}; " for d in self.drops)
         self.drops = []
         script = (f'{drops}mkdir -p "$0" && cd "$0" || exit 126; "$@"; rc=$?; '
-                  f"PROT='{self.protected}'; {_KILL_OTHERS}; "
+                  f"PROT='{self.protected}'; {_KILL_OTHERS}; {_WIPE_TEMP}; "
                   f"{_DISK_LOW} && printf {disk_low!r} >&2; exit $rc")
         output = _MarkedOutput(job.output_cap, on_output, disk_low.encode())
         started = time.monotonic()

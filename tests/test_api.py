@@ -163,6 +163,24 @@ async def test_put_pending_then_conflict(start_server, make_config, images):
         assert r.status_code == 409
 
 
+async def test_put_moves_a_queued_function_to_another_pool(start_server, make_config, images):
+    config = make_config(pools=[PoolConfig(image=images.python, min_idle=1, max=1),
+                                PoolConfig(image=images.busybox, min_idle=1, max=1)])
+    with trio.fail_after(60):
+        client = await start_server(config)
+        blocker = (await client.post("/fn", json=spec(images, ["sleep", "30"]))).json()
+        while (await client.get(f"/fn/{blocker['id']}")).json()["status"] != "running":
+            await trio.sleep(0.05)
+        queued = (await client.post("/fn", json=spec(images, ["echo", "moved"]))).json()
+        assert queued["status"] == "pending"
+        r = await client.put(f"/fn/{queued['id']}", json={"image": images.busybox})
+        assert r.status_code == 200
+        done = (await client.get(f"/fn/{queued['id']}?wait=10")).json()
+        assert done["status"] == "succeeded" and done["stdout"] == "moved\n"
+        assert (await client.get(f"/fn/{blocker['id']}")).json()["status"] == "running"
+        await client.delete(f"/fn/{blocker['id']}")
+
+
 async def test_delete_pending_running_finished(start_server, make_config, images,
                                                docker_client):
     config = make_config(pools=[PoolConfig(image=images.python, min_idle=1, max=1)])

@@ -472,6 +472,9 @@ async def test_token_everywhere_and_never_logged(start_server, make_config, imag
                     assert r.status_code == 401, (method, path, query)
             # The token works as a query parameter too (for WebSocket clients).
             assert (await anonymous.get(f"/fn?token={secret}")).status_code == 200
+            # The scheme is case-insensitive (RFC 9110).
+            lower = {"Authorization": f"bearer {secret}"}
+            assert (await anonymous.get("/fn", headers=lower)).status_code == 200
         # With the token, every endpoint answers (a function id that does not exist: 404).
         for method, path, ws in every:
             if ws:

@@ -171,17 +171,19 @@ async def test_unrelated_functions_are_isolated(engine, image, test_id, test_lab
     with trio.fail_after(60):
         async with serving(engine, image, test_id, test_labels, max=1) as pool:
             _, first = await run(pool, Job(
-                ["sh", "-c", "echo s3cret > secret.txt; (sleep 300 &) ; sleep 300 & echo ok"],
+                ["sh", "-c", "echo s3cret > secret.txt; echo x > /tmp/leak.txt; "
+                 "mkdir /dev/shm/leakdir; (sleep 300 &) ; sleep 300 & echo ok"],
                 files=[File("given.txt", b"given")]))
             assert first.exit_code == 0
             # Same container (max=1), unrelated function: no files, no processes.
             _, other = await run(pool, Job(["sh", "-c", "ls /tmp/ufaas; find / -name "
-                                            "'secret.txt' 2>/dev/null; pwd; ls -A; "
-                                            + procs_script("sleep 300")]))
+                                            "'secret.txt' 2>/dev/null; ls -A /tmp /dev/shm; "
+                                            "pwd; ls -A; " + procs_script("sleep 300")]))
             assert other.place.container == first.place.container
             assert other.place.workdir != first.place.workdir
             out = other.stdout.decode()
             assert "secret.txt" not in out and "given.txt" not in out
+            assert "leak" not in out, out
             assert out.strip().endswith("0"), out
             # A locality follow-up sees its predecessor's files.
             lease, follow = await run(pool, Job(["cat", "secret.txt", "given.txt"]),

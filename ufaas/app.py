@@ -88,8 +88,9 @@ def create_app(service: Service) -> QuartTrio:
             return True
         given = ""
         auth = headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            given = auth[len("Bearer "):]
+        scheme, _, credentials = auth.partition(" ")
+        if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110)
+            given = credentials.strip()
         else:
             given = args.get("token", "")
         return hmac.compare_digest(given.encode(errors="replace"), token)

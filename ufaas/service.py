@@ -66,6 +66,7 @@ class Active:
     transcript: Transcript = field(default_factory=Transcript)
     stdin: StdinPipe | None = None
     spec: TaskSpec | None = None
+    requeue: trio.CancelScope | None = None
 
 
 def _text(parts: list[bytes] | bytes) -> str:
@@ -162,12 +163,16 @@ class Service:
         if record.status != "pending":
             raise Conflict(f"function {fid} is {record.status}: only pending ones can change")
         update = parse_update(body, self.limits)
-        spec = merge(parse_spec(record.spec, self.limits), update, self.limits)
+        old = parse_spec(record.spec, self.limits)
+        spec = merge(old, update, self.limits)
         record.spec = _dump(spec)
         self.store.save(record, spec=True)
         if active is not None:
             active.spec = spec
             active.changed.set()
+            moved = (spec.image, spec.network) != (old.image, old.network)
+            if moved and active.requeue is not None:
+                active.requeue.cancel()
         return record
 
     def get(self, fid: str) -> Record:
@@ -367,20 +372,23 @@ class Service:
                 self._finish(record, "error", error=str(exc))
                 return
             changed = active.changed = trio.Event()
-            try:
-                with trio.move_on_after(self.config.queue_timeout) as waited:
-                    async with pool.lease(near, strict=strict) as lease:
-                        if changed.is_set():
-                            continue  # PUT while queued: start over with the new spec
-                        await self._run_leased(active, lease, spec, files)
+            # A PUT that moves it to another pool cancels this scope to re-queue it there.
+            with trio.CancelScope() as active.requeue:
+                try:
+                    with trio.move_on_after(self.config.queue_timeout) as waited:
+                        async with pool.lease(near, strict=strict) as lease:
+                            if changed.is_set():
+                                continue  # PUT while queued: start over with the new spec
+                            await self._run_leased(active, lease, spec, files)
+                            return
+                    if waited.cancelled_caught:
+                        self._finish(record, "error", error="no container became free "
+                                     f"within {self.config.queue_timeout:g} s")
                         return
-                if waited.cancelled_caught:
-                    self._finish(record, "error", error="no container became free within "
-                                 f"{self.config.queue_timeout:g} s")
+                except PoolError as exc:
+                    self._finish(record, "error", error=str(exc))
                     return
-            except PoolError as exc:
-                self._finish(record, "error", error=str(exc))
-                return
+            active.requeue = None
 
     async def _run_leased(self, active: Active, lease: pool_lib.Lease, spec: TaskSpec,
                           files: list[pool_lib.File]) -> None:
