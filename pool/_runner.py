@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shlex
 import struct
 import tarfile
@@ -306,22 +307,32 @@ _WIPE_TEMP = (
     f'[ "$f" = {WORKDIR_ROOT} ] || rm -rf "$f" 2>/dev/null; done'
 )
 # True when the working directories' filesystem has under 1/8 of it free, as in the agent.
+# The memory cgroup's OOM kill count (v2, then v1), or 0 where the kernel does not say.
+_OOM_KILLS = (
+    "oom_kills() { for f in /sys/fs/cgroup/memory.events "
+    "/sys/fs/cgroup/memory/memory.oom_control; do [ -r $f ] || continue; "
+    'while read -r k v; do [ "$k" = oom_kill ] && echo "$v" && return; done < $f; done; '
+    "echo 0; }"
+)
 _DISK_LOW = (f"s=$(stat -f -c '%a %b' {WORKDIR_ROOT} 2>/dev/null) && set -- $s && "
              '[ $(($1 * 8)) -lt "$2" ]')
 
 
 class _MarkedOutput(Output):
-    """Output that takes ``marker``, written by our script after the function, off the end
-    of stderr. A function that prints it can only get its own container replaced."""
+    """Output that takes the line ``<marker> <disk_low> <oom>``, written by our script after
+    the function, off the end of stderr. The marker is random per run, so a function
+    cannot fake it."""
 
     def __init__(self, cap: int, on_output: OnOutput | None, marker: bytes) -> None:
         super().__init__(cap, on_output)
-        self.marker = marker
-        self.marked = False
+        self.pattern = re.compile(re.escape(marker) + rb" ([01]) ([01])\n\Z")
+        self.disk_low = False
+        self.oom = False
 
     def add(self, fd: int, data: bytes) -> None:
-        if fd == 2 and data.endswith(self.marker):
-            data, self.marked = data[:-len(self.marker)], True
+        if fd == 2 and (found := self.pattern.search(data)) is not None:
+            self.disk_low, self.oom = found.group(1) == b"1", found.group(2) == b"1"
+            data = data[:found.start()]
         super().add(fd, data)
 
 
@@ -403,15 +414,18 @@ class ExecRunner:
             if refused:
                 return Result("refused", error=refused)
         env = {"UFAAS_WORKDIR": wd, "HOME": wd, "PWD": wd, **job.env}
-        # A disk left nearly full would fail the next function: the container is replaced.
-        disk_low = f"ufaas-disk-low-{uuid.uuid4().hex}\n"
+        # After the function, our script reports on stderr (then taken off it) whether
+        # the disk is left nearly full (the container is replaced) and whether the kernel
+        # OOM-killed something meanwhile, as the agent does.
+        marker = f"ufaas-{uuid.uuid4().hex}"
         # Forgotten workdirs go in the same exec: a separate one would double engine calls.
         drops = "".join(f"rm -rf {WORKDIR_ROOT}/{d}; " for d in self.drops)
         self.drops = []
-        script = (f'{drops}mkdir -p "$0" && cd "$0" || exit 126; "$@"; rc=$?; '
-                  f"PROT='{self.protected}'; {_KILL_OTHERS}; {_WIPE_TEMP}; "
-                  f"{_DISK_LOW} && printf {disk_low!r} >&2; exit $rc")
-        output = _MarkedOutput(job.output_cap, on_output, disk_low.encode())
+        script = (f'{drops}{_OOM_KILLS}; b=$(oom_kills); mkdir -p "$0" && cd "$0" || exit 126; '
+                  f'"$@"; rc=$?; PROT=\'{self.protected}\'; {_KILL_OTHERS}; {_WIPE_TEMP}; '
+                  f"d=0; {_DISK_LOW} && d=1; o=0; [ \"$(oom_kills)\" != \"$b\" ] && o=1; "
+                  f"printf '{marker} %s %s\\n' $d $o >&2; exit $rc")
+        output = _MarkedOutput(job.output_cap, on_output, marker.encode())
         started = time.monotonic()
         outcome = "exited"
         code: int | None = None
@@ -441,8 +455,9 @@ class ExecRunner:
                     result.signal = code - 128
             else:
                 result.exit_code = code
-        if output.marked:
+        if output.disk_low:
             self.tainted = True
+        result.oom = output.oom
         return output.fill(result)
 
     async def _container_running(self) -> bool:
