@@ -25,6 +25,7 @@ CHUNK = 65536
 ROOT = os.environ.get("UFAAS_ROOT", "/tmp/ufaas")
 # World-writable places a function may leave files in, outside its working directory.
 TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+IN_CONTAINER = "--in-pool-container"
 
 _out = sys.stdout.buffer
 _out_lock = threading.Lock()
@@ -172,10 +173,19 @@ class Agent:
             deadline = min((r.deadline for r in self.runs.values() if r.deadline), default=None)
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
             for key, events in self.sel.select(timeout):
-                key.data(key.fd, events)
+                try:
+                    key.data(key.fd, events)
+                except Exception as exc:  # one run's failure must not end the agent
+                    owner = getattr(key.data, "__self__", None)
+                    if not isinstance(owner, Run):
+                        raise
+                    owner.abort(exc)
             now = time.monotonic()
             for run in list(self.runs.values()):
-                run.tick(now)
+                try:
+                    run.tick(now)
+                except Exception as exc:
+                    run.abort(exc)
         # The host went away: nothing we run may outlive the connection.
         self.kill_others()
 
@@ -224,7 +234,14 @@ class Agent:
             send({"ev": "error", "message": "unknown op %r" % op})
 
     def wipe_temp(self):
-        """Empty the shared temporary directories: only a working directory outlives a run."""
+        """Empty the shared temporary directories: only a working directory outlives a run.
+
+        Only inside a pool's container (the pool passes IN_CONTAINER), and only what our
+        own uid owns: run anywhere else, by hand or in a test, the agent deletes nothing.
+        """
+        if IN_CONTAINER not in sys.argv[1:]:
+            return
+        uid = os.getuid()
         for top in TEMP_DIRS:
             try:
                 names = os.listdir(top)
@@ -235,6 +252,8 @@ class Agent:
                 if path == ROOT:
                     continue
                 try:
+                    if os.lstat(path).st_uid != uid:
+                        continue
                     if os.path.isdir(path) and not os.path.islink(path):
                         shutil.rmtree(path, ignore_errors=True)
                     else:
@@ -486,6 +505,18 @@ class Run:
             "truncated": {"stdout": self.truncated[1], "stderr": self.truncated[2]},
             "clean": self.clean,
         })
+
+    def abort(self, exc):
+        """End this run on an error of our own; the container is replaced."""
+        if self.id not in self.agent.runs:
+            return
+        self.kill()
+        sel = self.agent.sel
+        for fileno in [self.pidfd, self.stdin_fd, *self.pipes]:
+            if fileno is not None and fileno in sel.get_map():
+                sel.unregister(fileno)
+        self.agent.kill_others()
+        self.finish({"error": "agent: %s: %s" % (type(exc).__name__, exc), "clean": False})
 
     def finish(self, fields):
         self.agent.runs.pop(self.id, None)

@@ -29,7 +29,8 @@ log = logging.getLogger("pool")
 
 WORKDIR_ROOT = "/tmp/ufaas"
 AGENT_SOURCE = (Path(__file__).with_name("_agent.py")).read_text()
-AGENT_ARGV = ["python3", "-I", "-c", AGENT_SOURCE]
+# The flag lets the agent do what only makes sense in a pool's container (wipe /tmp).
+AGENT_ARGV = ["python3", "-I", "-c", AGENT_SOURCE, "--in-pool-container"]
 _HEAD = struct.Struct(">II")
 # Beyond the function's own timeout, how long we wait for its end before calling the
 # container broken.
