@@ -122,7 +122,6 @@ class AgentRunner:
         self._exec_id = ""
         self._buf = bytearray()
         self._runs: dict[str, _AgentRun] = {}
-        self._lost = trio.Event()
         self.agent_stderr = bytearray()
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -185,7 +184,6 @@ class AgentRunner:
             log.info("agent stream of %s ended: %s", self.cid[:12], exc)
         finally:
             self.alive = False
-            self._lost.set()
             for run in self._runs.values():
                 run.done.set()
             if self.on_lost is not None:  # the pool replaces us now, not at its next check
@@ -282,10 +280,6 @@ class AgentRunner:
             duration_ms=ex.get("duration_ms"), truncated=truncated, oom=bool(ex.get("oom")),
         ))
 
-    async def cancel(self, rid: str) -> None:
-        if self.alive:
-            await self._send({"op": "cancel", "id": rid})
-
     def drop(self, workdir: str) -> None:
         # Carried by the next run message: no extra message on the hot path.
         self.drops.append(workdir)
@@ -307,7 +301,6 @@ _WIPE_TEMP = (
     f'for f in /tmp/* /tmp/.[!.]* /var/tmp/* /var/tmp/.[!.]* /dev/shm/* /dev/shm/.[!.]*; do '
     f'[ "$f" = {WORKDIR_ROOT} ] || rm -rf "$f" 2>/dev/null; done'
 )
-# True when the working directories' filesystem has under 1/8 of it free, as in the agent.
 # The memory cgroup's OOM kill count (v2, then v1), or 0 where the kernel does not say.
 _OOM_KILLS = (
     "oom_kills() { for f in /sys/fs/cgroup/memory.events "
@@ -315,6 +308,7 @@ _OOM_KILLS = (
     'while read -r k v; do [ "$k" = oom_kill ] && echo "$v" && return; done < $f; done; '
     "echo 0; }"
 )
+# True when the working directories' filesystem has under 1/8 of it free, as in the agent.
 _DISK_LOW = (f"s=$(stat -f -c '%a %b' {WORKDIR_ROOT} 2>/dev/null) && set -- $s && "
              '[ $(($1 * 8)) -lt "$2" ]')
 
@@ -372,18 +366,13 @@ class ExecRunner:
         exec_id = await self.engine.exec_create(self.cid, argv, env=env)
         stream = await self.engine.exec_open(exec_id)
         try:
-            if live is None:
-                if stdin:
-                    await stream.send(stdin)
-                await stream.close_stdin()
+            # Stdin is written while output is read: a function that answers as it reads
+            # could otherwise fill its output pipe and never read the rest.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._feed, stream, stdin, live)
                 while (got := await stream.receive()) is not None:
                     output.add(*got)
-            else:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._feed, stream, stdin, live)
-                    while (got := await stream.receive()) is not None:
-                        output.add(*got)
-                    nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -391,12 +380,13 @@ class ExecRunner:
         return info.get("ExitCode")
 
     @staticmethod
-    async def _feed(stream: ExecStream, first: bytes, live: Stdin) -> None:
+    async def _feed(stream: ExecStream, first: bytes, live: Stdin | None) -> None:
         try:
             if first:
                 await stream.send(first)
-            async for chunk in live:
-                await stream.send(chunk)
+            if live is not None:
+                async for chunk in live:
+                    await stream.send(chunk)
             await stream.close_stdin()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the function ended, or closed its stdin
@@ -439,7 +429,8 @@ class ExecRunner:
                 self.tainted = True
                 with trio.CancelScope(shield=True):
                     await self._kill_others()
-        except trio.Cancelled:
+        except BaseException:
+            # Cancelled, possibly wrapped in an ExceptionGroup by the stream's nursery.
             with trio.CancelScope(shield=True):
                 await self._kill_others()
             raise
@@ -487,9 +478,6 @@ class ExecRunner:
         if code != 0:
             raise EngineError(f"could not deliver files (exit {code}): {err[-300:]!r}")
         return None
-
-    async def cancel(self, rid: str) -> None:
-        await self._kill_others()
 
     def drop(self, workdir: str) -> None:
         self.drops.append(workdir)
