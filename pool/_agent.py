@@ -223,13 +223,9 @@ class Agent:
         elif op == "cancel":
             if run is not None:
                 run.cancel()
-        elif op == "drop":
-            self.drop(header["workdir"])
         elif op == "hello":
             send({"ev": "hello", "pid": self.me, "python": list(sys.version_info[:3]),
                   "oom": oom_kills() is not None})
-        elif op == "ping":
-            send({"ev": "pong", "n": header.get("n")})
         else:
             send({"ev": "error", "message": "unknown op %r" % op})
 
@@ -464,9 +460,8 @@ class Run:
             self.proc.returncode = self.status = (
                 -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
         self.duration = (time.monotonic() - self.started) * 1000.0
-        # Its group, and anything it left behind, may still hold our pipes: end them all
-        # so the pipes reach EOF, and so nothing survives into the next function.
-        self.kill()
+        # Its group, and anything it left behind, may still hold our pipes: end every
+        # process so the pipes reach EOF, and so nothing survives into the next function.
         self.clean = self.agent.kill_others()
         self.agent.wipe_temp()
         self.deadline = None

@@ -8,7 +8,6 @@ no thread and no byte is lost to an HTTP client's read-ahead buffer.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import struct
 import urllib.parse
@@ -315,9 +314,3 @@ class ExecStream:
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self._stream)
 
-
-def error_text(raw: bytes) -> str:
-    try:
-        return json.loads(raw).get("message", raw.decode(errors="replace"))
-    except ValueError:
-        return raw.decode(errors="replace")

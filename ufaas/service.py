@@ -6,10 +6,10 @@ the nursery of its ``serve()``; the HTTP layer only translates requests into its
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +33,6 @@ from .tasks import (
 )
 
 log = logging.getLogger("ufaas")
-
-Listener = Callable[[dict[str, Any]], None]
 
 
 class NotFound(Exception):
@@ -92,7 +90,6 @@ class Service:
         self._active: dict[str, Active] = {}
         self._pending = 0
         self._nursery: trio.Nursery | None = None
-        self.listeners: set[Listener] = set()
         self._watchers: set[Watcher] = set()
 
     # -- life -----------------------------------------------------------------------------
@@ -467,8 +464,6 @@ class Service:
         self.store.save(record)
 
     def _publish(self, event: dict[str, Any]) -> None:
-        for listener in list(self.listeners):
-            listener(event)
         for watcher in self._watchers:
             watcher.offer(event)
 
@@ -488,7 +483,6 @@ def _profile(p: Profile) -> dict[str, Any]:
 
 
 def _home(db: str) -> str:
-    import hashlib
     return hashlib.sha256(str(db).encode()).hexdigest()[:16]
 
 
