@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.server
+import json
 import threading
 import time
 import uuid
@@ -257,6 +258,47 @@ async def test_errors_then_still_serving(start_server, python_config, images):
         assert (await client.get("/nowhere")).json()["error"]
         r = await client.post("/fn?wait=20", json=spec(images, ["echo", "alive"]))
         assert r.json()["stdout"] == "alive\n"
+
+
+async def test_submissions_with_and_without_content_length(start_server, python_config,
+                                                          images):
+    """A body with Content-Length takes the server's fast path, a chunked one goes
+    through Quart: both must give the same answers, errors included, and keep the
+    connection usable."""
+
+    def chunked(data: bytes):
+        async def gen():
+            yield data[:5]
+            yield data[5:]
+        return gen()
+
+    with trio.fail_after(60):
+        client = await start_server(python_config())
+        good = json.dumps(spec(images, ["echo", "hi"])).encode()
+        for content in (good, chunked(good)):
+            r = await client.post("/fn?wait=20", content=content)
+            assert r.status_code == 200 and r.json()["stdout"] == "hi\n", r.text
+            assert r.headers["location"] == f"/fn/{r.json()['id']}"
+            first = r.json()["id"]
+        r = await client.post(f"/fn/{first}?wait=20&strict=true", content=chunked(good))
+        assert r.status_code == 200 and r.json()["after"] == first
+        r = await client.post(f"/fn/{first}?wait=20&strict=true", content=good)
+        assert r.status_code == 200 and r.json()["locality"] == "hit"
+        r = await client.post("/fn?wait=0", content=good)
+        assert r.status_code == 202 and r.json()["status"] in ("pending", "running")
+        bad = json.dumps({"image": images.python, "command": []}).encode()
+        for content in (bad, chunked(bad)):
+            r = await client.post("/fn", content=content)
+            assert r.status_code == 422 and r.json()["error"].startswith("command"), r.text
+        for content in (b"{nope", chunked(b"{nope")):
+            r = await client.post("/fn", content=content)
+            assert r.status_code == 400 and "JSON" in r.json()["error"]
+        r = await client.post("/fn?wait=-1", content=good)
+        assert r.status_code == 400 and "wait" in r.json()["error"]
+        r = await client.post(f"/fn/{uuid.uuid4()}?wait=5", content=good)
+        assert r.status_code == 404
+        r = await client.post("/fn?wait=20", content=good)
+        assert r.status_code == 200 and r.json()["stdout"] == "hi\n"
 
 
 async def test_token_queue_bound_pools_health(start_server, make_config, images):

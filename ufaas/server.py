@@ -14,7 +14,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from .app import create_app
+from .app import FastPath, create_app
 from .config import Config
 from .service import Service
 
@@ -51,7 +51,7 @@ async def serve(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(service.serve)
-        app = create_app(service)
+        app = FastPath(create_app(service), service)
         binds = await nursery.start(partial(hypercorn_serve, app, hconfig,
                                             shutdown_trigger=http_trigger, mode="asgi"))
         url = binds[0].replace("0.0.0.0", "127.0.0.1") if binds else ""
