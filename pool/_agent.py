@@ -170,8 +170,9 @@ class Agent:
         os.set_blocking(stdin, False)
         self.sel.register(stdin, selectors.EVENT_READ, self.on_host)
         while self.open or self.runs:
-            deadline = min((r.deadline for r in self.runs.values() if r.deadline), default=None)
-            timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+            wakes = [w for w in (r.wake_at() for r in self.runs.values()) if w is not None]
+            wake = min(wakes, default=None)
+            timeout = None if wake is None else max(wake - time.monotonic(), 0)
             for key, events in self.sel.select(timeout):
                 try:
                     key.data(key.fd, events)
@@ -467,6 +468,11 @@ class Run:
         self.deadline = None
         self.drain_until = time.monotonic() + 2.0
         self.maybe_done()
+
+    def wake_at(self):
+        """When the loop must call tick() at the latest, or None."""
+        times = [t for t in (self.deadline, self.drain_until) if t is not None]
+        return min(times) if times else None
 
     def tick(self, now):
         if self.deadline is not None and now >= self.deadline:
