@@ -328,19 +328,21 @@ _DISK_LOW = (f"s=$(stat -f -c '%a %b' {WORKDIR_ROOT} 2>/dev/null) && set -- $s &
 
 
 class _MarkedOutput(Output):
-    """Output that takes the line ``<marker> <disk_low> <oom>``, written by our script after
-    the function, off the end of stderr. The marker is random per run, so a function
-    cannot fake it."""
+    """Output that takes the line ``<marker> <disk_low> <oom> <exit code>``, written by our
+    script after the function, off the end of stderr. The marker is random per run, so a
+    function cannot fake it."""
 
     def __init__(self, cap: int, on_output: OnOutput | None, marker: bytes) -> None:
         super().__init__(cap, on_output)
-        self.pattern = re.compile(re.escape(marker) + rb" ([01]) ([01])\n\Z")
+        self.pattern = re.compile(re.escape(marker) + rb" ([01]) ([01]) ([0-9]{1,3})\n\Z")
         self.disk_low = False
         self.oom = False
+        self.exit_code: int | None = None  # None: the script did not get to say
 
     def add(self, fd: int, data: bytes) -> None:
         if fd == 2 and (found := self.pattern.search(data)) is not None:
             self.disk_low, self.oom = found.group(1) == b"1", found.group(2) == b"1"
+            self.exit_code = int(found.group(3))
             data = data[:found.start()]
         super().add(fd, data)
 
@@ -348,8 +350,8 @@ class _MarkedOutput(Output):
 class ExecRunner:
     """Runs each function as a plain ``docker exec`` (images without python3).
 
-    Costs three engine calls per function (create, start, inspect), plus one to deliver
-    files, against the agent's none.
+    Costs two engine calls per function (create, start; an inspect too when our script
+    could not report the exit code), plus one to deliver files, against the agent's none.
     """
 
     def __init__(self, engine: Engine, cid: str) -> None:
@@ -391,6 +393,8 @@ class ExecRunner:
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+        if isinstance(output, _MarkedOutput) and output.exit_code is not None:
+            return output.exit_code  # said by our script: saves an engine call
         info = await self.engine.exec_inspect(exec_id)
         return info.get("ExitCode")
 
@@ -430,7 +434,7 @@ class ExecRunner:
         script = (f'{drops}{_OOM_KILLS}; b=$(oom_kills); mkdir -p "$0" && cd "$0" || exit 126; '
                   f'"$@"; rc=$?; PROT=\'{self.protected}\'; {_KILL_OTHERS}; {_WIPE_TEMP}; '
                   f"d=0; {_DISK_LOW} && d=1; o=0; [ \"$(oom_kills)\" != \"$b\" ] && o=1; "
-                  f"printf '{marker} %s %s\\n' $d $o >&2; exit $rc")
+                  f"printf '{marker} %s %s %s\\n' $d $o $rc >&2; exit $rc")
         output = _MarkedOutput(job.output_cap, on_output, marker.encode())
         started = time.monotonic()
         outcome = "exited"

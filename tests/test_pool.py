@@ -63,6 +63,8 @@ async def test_warm_pool_runs_echo(engine, image, images, test_id, test_labels):
             assert (result.outcome, result.exit_code, result.stdout) == ("exited", 0, b"hi\n")
             _, result = await run(pool, Job(["sh", "-c", "exit 3"]))
             assert (result.outcome, result.exit_code) == ("exited", 3)
+            _, result = await run(pool, Job(["sh", "-c", "kill -TERM $$"]))
+            assert (result.outcome, result.exit_code, result.signal) == ("exited", None, 15)
             _, result = await run(pool, Job(["no-such-command-here"]))
             assert result.exit_code in (126, 127)
 
