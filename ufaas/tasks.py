@@ -182,6 +182,13 @@ def _check_path(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+class _Base64(str):
+    """A validated base64 string that keeps its decoded bytes: decoding 64 KiB costs
+    ~0.4 ms here, and the content is needed again when the function runs."""
+
+    decoded: bytes
+
+
 def _base64_size(value: str) -> int:
     # Exact for strictly valid base64: no whitespace, length a multiple of 4.
     return len(value) // 4 * 3 - len(value) + len(value.rstrip("="))
@@ -238,7 +245,9 @@ class Resource(BaseModel):
             raise ValueError("not valid base64") from None
         if len(data) > limit:
             raise too_big
-        return value
+        checked = _Base64(value)
+        checked.decoded = data
+        return checked
 
     @field_validator("url")
     @classmethod
@@ -292,6 +301,8 @@ class Resource(BaseModel):
 def _embedded_data(text: str | None, base64: str | None) -> bytes | None:
     if text is not None:
         return text.encode("utf-8")
+    if isinstance(base64, _Base64):
+        return base64.decoded
     if base64 is not None:
         return b64decode(base64, validate=True)
     return None
