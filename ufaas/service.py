@@ -150,7 +150,8 @@ class Service:
         if self._pending >= self.config.queue_limit:
             raise QueueFull(f"{self._pending} functions are pending")
         record = Record(id=str(uuid.uuid4()), spec=_dump(spec), after=after)
-        self.store.insert(record)
+        # Pydantic's own JSON: several times faster than json.dumps for big embedded files.
+        self.store.insert(record, spec.model_dump_json(exclude_none=True))
         self._start(record, strict=strict, interactive=interactive, spec=spec)
         return record
 

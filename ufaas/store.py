@@ -106,10 +106,11 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def insert(self, record: Record) -> Record:
+    def insert(self, record: Record, spec_json: str | None = None) -> Record:
+        """Add a new record; ``spec_json``, when given, is its spec already as JSON."""
         cur = self._db.execute(
             "INSERT INTO functions (id, status, spec, record) VALUES (?, ?, ?, ?)",
-            (record.id, record.status, _dumps(record.spec), _dump(record)),
+            (record.id, record.status, spec_json or _dumps(record.spec), _dump(record)),
         )
         record.seq = cur.lastrowid
         return record
