@@ -461,10 +461,10 @@ class Run:
             self.proc.returncode = self.status = (
                 -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
         self.duration = (time.monotonic() - self.started) * 1000.0
-        if self.pipes:
-            # Its group, or anything it left behind, still holds our pipes: end every
-            # process now so that they reach EOF (settle() ends them otherwise).
-            self.clean = self.agent.kill_others()
+        # Its group, and anything it left behind, may still hold our pipes: end every
+        # process so the pipes reach EOF, and so nothing survives into the next function.
+        self.clean = self.agent.kill_others()
+        self.agent.wipe_temp()
         self.deadline = None
         self.drain_until = time.monotonic() + 2.0
         self.maybe_done()
@@ -521,22 +521,10 @@ class Run:
 
     def finish(self, fields):
         self.agent.runs.pop(self.id, None)
+        if disk_low():  # the next function would find no room: have the container replaced
+            fields["clean"] = False
         fields.update({"ev": "exit", "id": self.id})
         send(fields)
-        self.settle(fields.get("clean", True))
-
-    def settle(self, clean):
-        """Make the container fit for the next function, then say so with "ready".
-
-        Done after the exit is sent, so that the caller has its result while we clean up;
-        the host hands the container out again only once "ready" arrives, and nothing we
-        read meanwhile is handled before this returns.
-        """
-        clean = self.agent.kill_others() and clean
-        self.agent.wipe_temp()
-        if disk_low():  # the next function would find no room: have the container replaced
-            clean = False
-        send({"ev": "ready", "id": self.id, "clean": clean})
 
     def cancel(self):
         self.cancelled = True

@@ -39,8 +39,6 @@ DEFAULT_IDLE_TTL = 300.0
 DEFAULT_WATCH_INTERVAL = 2.0
 DEFAULT_WORKDIRS_KEPT = 16
 CLEANUP_TIMEOUT = 15.0
-# How long a container may take to clean up after a function before it is replaced.
-SETTLE_TIMEOUT = 10.0
 _BACKOFF_MAX = 5.0
 
 
@@ -59,8 +57,6 @@ class Container:
     state: str = "idle"  # idle | busy | dead
     last_used: float = field(default_factory=time.monotonic)
     uses: int = 0
-    # Set while a released container finishes cleaning up (still "busy" until then).
-    settling_since: float | None = None
     # Working directories kept for locality follow-ups, oldest first.
     workdirs: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
     # Leases waiting for this very container (locality), first come first served.
@@ -335,18 +331,7 @@ class Pool:
         while len(c.workdirs) > self.workdirs_kept:
             old, _ = c.workdirs.popitem(last=False)
             runner.drop(old)
-        if not runner.settled:
-            # The caller has its result; the container is handed out once it is clean.
-            c.settling_since = c.settling_since or time.monotonic()
-            return
-        c.settling_since = None
         self._hand_over(c)
-
-    def _settled(self, cid: str) -> None:
-        """A container finished cleaning up after its last function: finish its release."""
-        c = self._containers.get(cid)
-        if c is not None and c.settling_since is not None:
-            self._release(c)
 
     def _hand_over(self, c: Container) -> None:
         """Give an idle container to whoever waits for it, else park it."""
@@ -400,7 +385,7 @@ class Pool:
     def _lost(self, cid: str) -> None:
         """A container's agent stream ended: replace the container if nobody holds it."""
         c = self._containers.get(cid)
-        if c is not None and (c.state == "idle" or c.settling_since is not None):
+        if c is not None and c.state == "idle":
             self._retire(c)
         self._wake.set()
 
@@ -470,8 +455,7 @@ class Pool:
     async def _start_runner(self, cid: str) -> AgentRunner | ExecRunner:
         assert self._nursery is not None
         if self.mode in (None, "agent"):
-            agent = AgentRunner(self.engine, cid, on_lost=lambda: self._lost(cid),
-                                on_settled=lambda: self._settled(cid))
+            agent = AgentRunner(self.engine, cid, on_lost=lambda: self._lost(cid))
             try:
                 await agent.start(self._nursery)
                 self.mode = "agent"
@@ -498,11 +482,7 @@ class Pool:
                     self._retire(c)
                     surplus -= 1
             for c in list(self._containers.values()):
-                stuck = c.settling_since is not None and now - c.settling_since > SETTLE_TIMEOUT
-                if stuck:
-                    log.warning("pool %s: %s did not clean up within %g s; replacing it",
-                                self.name, c.short_id, SETTLE_TIMEOUT)
-                if stuck or (not c.runner.alive and c.state == "idle"):
+                if not c.runner.alive and c.state == "idle":
                     self._retire(c)
             try:
                 with trio.fail_after(self.engine.call_timeout):
@@ -516,7 +496,7 @@ class Pool:
             for c in list(self._containers.values()):
                 if c.id not in running:
                     c.runner.alive = False
-                    if c.state == "idle" or c.settling_since is not None:
+                    if c.state == "idle":
                         self._retire(c)
             self._wake.set()
 

@@ -84,8 +84,6 @@ class Output:
 
 class Runner(Protocol):
     alive: bool
-    # False from a run's end until the container is fit for the next one.
-    settled: bool
 
     async def start(self, nursery: trio.Nursery) -> None: ...
 
@@ -109,21 +107,16 @@ class AgentRunner:
     """Talks to the in-container agent over one held-open exec stream.
 
     After ``start`` no Docker API call is made per function: a run is one message out
-    and a few back. The agent reports a run's exit first and cleans up after it (ending
-    leftover processes, emptying /tmp), then says "ready": ``settled`` is False in
-    between, and ``on_settled`` is called when it turns True.
+    and a few back.
     """
 
     def __init__(self, engine: Engine, cid: str,
-                 on_lost: Callable[[], None] | None = None,
-                 on_settled: Callable[[], None] | None = None) -> None:
+                 on_lost: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.cid = cid
         self.alive = False
         self.tainted = False
-        self.settled = True
         self.on_lost = on_lost
-        self.on_settled = on_settled
         self.drops: list[str] = []
         self._stream: ExecStream | None = None
         self._exec_id = ""
@@ -185,12 +178,6 @@ class AgentRunner:
                 elif ev == "exit" and run is not None:
                     run.exit = header
                     run.done.set()
-                elif ev == "ready":
-                    if not header.get("clean", True):
-                        self.tainted = True
-                    self.settled = True
-                    if self.on_settled is not None:
-                        self.on_settled()
                 elif ev == "error":
                     log.warning("agent in %s: %s", self.cid[:12], header.get("message"))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as exc:
@@ -217,7 +204,6 @@ class AgentRunner:
             "cap": job.output_cap, "drop": self.drops,
         }
         self.drops = []
-        self.settled = False
         try:
             await self._send(header, body)
             async with trio.open_nursery() as nursery:
@@ -362,7 +348,6 @@ class ExecRunner:
         self.cid = cid
         self.alive = False
         self.tainted = False
-        self.settled = True  # each run cleans up before it returns
         self.protected = "1"
         self.drops: list[str] = []
 
