@@ -422,7 +422,8 @@ class ExecRunner:
         script = (f'{drops}{_OOM_KILLS}; oom_kills; _ufaas_b=$_ufaas_n; '
                   f'{{ [ -d "$0" ] || mkdir -p "$0"; }} && cd "$0" || exit 126; '
                   f'"$@"; rc=$?; PROT=\'{self.protected}\'; {_KILL_OTHERS}; {_WIPE_TEMP}; '
-                  f"d=0; {_DISK_LOW} && d=1; oom_kills; o=0; [ \"$_ufaas_n\" != \"$_ufaas_b\" ] && o=1; "
+                  f"d=0; {_DISK_LOW} && d=1; oom_kills; o=0; "
+                  '[ "$_ufaas_n" != "$_ufaas_b" ] && o=1; '
                   f"printf '{marker} %s %s %s\\n' $d $o $rc >&2; exit $rc")
         output = _MarkedOutput(job.output_cap, on_output, marker.encode())
         started = time.monotonic()
