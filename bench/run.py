@@ -55,6 +55,7 @@ from ._common import (
     summary,
     timed,
 )
+from .floors import agent_floor, http_floor
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
@@ -594,6 +595,8 @@ class Results:
     rss_end_mib: float = 0.0
     functions: int = 0
     server_warnings: int = 0
+    # Row 3's two halves with ufaas's logic taken out (bench.floors): HTTP, agent.
+    floors: list[Row] = field(default_factory=list)
 
 
 ROW_NAMES = {
@@ -625,6 +628,9 @@ def measure(args: argparse.Namespace, server: Server, docker_client: docker.Dock
     res.rows[7] = host_row(n, ROW_NAMES[7])
     res.rows[1] = docker_run_row(docker_client, args.python_image, args.n_run, ROW_NAMES[1])
     res.rows[2] = exec_run_row(docker_client, args.python_image, args.n_exec, ROW_NAMES[2])
+    say("floors of row 3 ...")
+    res.floors = [http_floor(n, function_body(args.python_image)),
+                  agent_floor(docker_client, n, args.python_image)]
 
     say("rows 3-6 (ufaas) ...")
     plain = function_body(args.python_image)
@@ -715,7 +721,7 @@ def targets(res: Results) -> list[tuple[str, bool, str]]:
          res.rss_after_mib <= res.rss_idle_mib + 30,
          f"{res.rss_after_mib:.1f} MiB (+{res.rss_after_mib - res.rss_idle_mib:.1f})"),
     ]
-    failures = sum(len(row.failures) for row in res.rows.values())
+    failures = sum(len(row.failures) for row in [*res.rows.values(), *res.floors])
     out.append(("every row's output was 'hi\\n'", failures == 0, f"{failures} failures"))
     return out
 
@@ -736,6 +742,15 @@ def print_report(res: Results, checks: list[tuple[str, bool, str]]) -> None:
         row, span = res.rows[number], statistics.fmean(res.server_ms[number] or [0])
         print(f"row {number}: command ran {p50(row.inside_ms):.2f} ms inside the container "
               f"(p50); server created->finished {span:.1f} ms (mean, ms-resolution stamps)")
+    if res.floors:
+        print("\nrow 3 with ufaas's own logic taken out (python -m bench.floors):")
+        for row in res.floors:
+            inside = (f"; the command {p50(row.inside_ms):.2f} ms inside"
+                      if row.inside_ms else "")
+            print(f"   {row.name:<34} p50 {p50(row.samples_ms):6.2f} ms{inside}")
+        floor = sum(p50(r.samples_ms) for r in res.floors)
+        print(f"   {'sum: the floor of row 3 here':<34} p50 {floor:6.2f} ms; ufaas adds "
+              f"{base - floor:.2f} ms")
 
     print()
     head = (f"{'concurrency':>11} {'functions':>9} {'s':>6} {'fn/s':>7} {'p50 ms':>8} "
@@ -788,6 +803,8 @@ def write_json(path: Path, res: Results, checks: list[tuple[str, bool, str]],
         "inside_ms": {n: r.inside_ms for n, r in sorted(res.rows.items()) if r.inside_ms},
         "server_ms": res.server_ms,
         "failures": {n: r.failures for n, r in sorted(res.rows.items()) if r.failures},
+        "floors": [{**summary(r, base), "inside_p50_ms": p50(r.inside_ms)}
+                   for r in res.floors],
         "throughput": [{
             "concurrency": lv.concurrency, "count": lv.count, "elapsed_s": lv.elapsed_s,
             "per_s": lv.per_s, "p50_ms": p50(lv.latencies_ms),
