@@ -18,16 +18,38 @@ ACTIVE = ("pending", "running")
 FINISHED = ("succeeded", "failed", "timeout", "cancelled", "error")
 STATUSES = ACTIVE + FINISHED
 
+# The spec has a table of its own: SQLite rewrites a whole row on every UPDATE, and a
+# spec with embedded files can be megabytes, written once but updated past twice.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS functions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL,
-    spec TEXT NOT NULL,
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS functions_status ON functions (status, seq);
+CREATE TABLE IF NOT EXISTS specs (
+    seq INTEGER PRIMARY KEY,
+    spec TEXT NOT NULL
+);
 """
+_SCHEMA_VERSION = 1
+# Version 0 kept the spec in a column of functions: move it to specs.
+_MIGRATE_FROM_0 = """
+CREATE TABLE functions_v1 (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+INSERT INTO functions_v1 (seq, id, status, record) SELECT seq, id, status, record FROM functions;
+CREATE TABLE specs (seq INTEGER PRIMARY KEY, spec TEXT NOT NULL);
+INSERT INTO specs (seq, spec) SELECT seq, spec FROM functions;
+DROP TABLE functions;
+ALTER TABLE functions_v1 RENAME TO functions;
+"""
+_SELECT = ("SELECT f.seq, s.spec, f.record FROM functions f "
+           "JOIN specs s ON s.seq = f.seq")
 
 
 @dataclass
@@ -101,44 +123,60 @@ class Store:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._migrate()
         self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(functions)")}
+        if version == 0 and "spec" in columns:
+            try:
+                self._db.executescript(f"BEGIN; {_MIGRATE_FROM_0} COMMIT;")
+            except sqlite3.Error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         self._db.close()
 
     def insert(self, record: Record, spec_json: str | None = None) -> Record:
         """Add a new record; ``spec_json``, when given, is its spec already as JSON."""
-        cur = self._db.execute(
-            "INSERT INTO functions (id, status, spec, record) VALUES (?, ?, ?, ?)",
-            (record.id, record.status, spec_json or _dumps(record.spec), _dump(record)),
-        )
+        with self._db:  # one transaction
+            self._db.execute("BEGIN")
+            cur = self._db.execute(
+                "INSERT INTO functions (id, status, record) VALUES (?, ?, ?)",
+                (record.id, record.status, _dump(record)))
+            self._db.execute("INSERT INTO specs (seq, spec) VALUES (?, ?)",
+                             (cur.lastrowid, spec_json or _dumps(record.spec)))
         record.seq = cur.lastrowid
         return record
 
     def save(self, record: Record, *, spec: bool = False) -> None:
         """Write the record back; its spec too only when asked (it rarely changes)."""
-        if spec:
-            self._db.execute("UPDATE functions SET status = ?, spec = ?, record = ? WHERE id = ?",
-                             (record.status, _dumps(record.spec), _dump(record), record.id))
-        else:
+        with self._db:
+            self._db.execute("BEGIN")
             self._db.execute("UPDATE functions SET status = ?, record = ? WHERE id = ?",
                              (record.status, _dump(record), record.id))
+            if spec:
+                self._db.execute(
+                    "UPDATE specs SET spec = ? WHERE seq = (SELECT seq FROM functions "
+                    "WHERE id = ?)", (_dumps(record.spec), record.id))
 
     def get(self, fid: str) -> Record | None:
-        row = self._db.execute("SELECT seq, spec, record FROM functions WHERE id = ?",
-                               (fid,)).fetchone()
+        row = self._db.execute(f"{_SELECT} WHERE f.id = ?", (fid,)).fetchone()
         return _load(row) if row else None
 
     def list(self, statuses: tuple[str, ...] | None = ACTIVE, limit: int = 100) -> list[Record]:
         """Newest first; ``statuses`` None means all."""
         if statuses is None:
-            rows = self._db.execute(
-                "SELECT seq, spec, record FROM functions ORDER BY seq DESC LIMIT ?", (limit,))
+            rows = self._db.execute(f"{_SELECT} ORDER BY f.seq DESC LIMIT ?", (limit,))
         else:
             marks = ",".join("?" * len(statuses))
             rows = self._db.execute(
-                f"SELECT seq, spec, record FROM functions WHERE status IN ({marks}) "
-                "ORDER BY seq DESC LIMIT ?", (*statuses, limit))
+                f"{_SELECT} WHERE f.status IN ({marks}) ORDER BY f.seq DESC LIMIT ?",
+                (*statuses, limit))
         return [_load(r) for r in rows]
 
     def count(self, status: str) -> int:
@@ -146,7 +184,12 @@ class Store:
                                 (status,)).fetchone()[0]
 
     def delete(self, fid: str) -> bool:
-        return self._db.execute("DELETE FROM functions WHERE id = ?", (fid,)).rowcount > 0
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM specs WHERE seq = (SELECT seq FROM functions "
+                             "WHERE id = ?)", (fid,))
+            return self._db.execute("DELETE FROM functions WHERE id = ?",
+                                    (fid,)).rowcount > 0
 
     def recover(self) -> list[Record]:
         """After a crash: end running functions as interrupted; return pending, oldest first."""
