@@ -4,13 +4,14 @@ rows that go around ufaas (``docker run``, ``exec_run``, a host process) to comp
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import docker
@@ -94,16 +95,35 @@ def docker_run_row(client: docker.DockerClient, image: str, n: int,
     return timed(Row(name), n, once, warmup=1)
 
 
-def exec_run_row(client: docker.DockerClient, image: str, n: int,
-                 name: str = "docker exec_run") -> Row:
+@contextlib.contextmanager
+def exec_run_once(client: docker.DockerClient, image: str
+                  ) -> Iterator[Callable[[], tuple[bytes, str]]]:
+    """One ``exec_run`` of the trivial function in a running container, per call."""
     container = client.containers.run(image, ["sleep", "600"], detach=True, labels=LABELS)
     try:
         def once() -> tuple[bytes, str]:
             code, output = container.exec_run(ARGV)
             return output, "" if code == 0 else f"exit {code}"
-        return timed(Row(name), n, once)
+        yield once
     finally:
         container.remove(force=True)
+
+
+def exec_run_row(client: docker.DockerClient, image: str, n: int,
+                 name: str = "docker exec_run") -> Row:
+    with exec_run_once(client, image) as once:
+        return timed(Row(name), n, once)
+
+
+def interleaved(runs: list[tuple[Row, Callable[[], tuple[bytes, str]]]], n: int,
+                block: int = 5) -> None:
+    """Time several rows ``n`` times each in alternating blocks, so that each meets the
+    same conditions (a machine busier now than a minute ago slows all of them alike)."""
+    for _, once in runs:
+        timed(Row("warm-up"), 0, once)
+    for i, start in enumerate(range(0, n, block)):
+        for row, once in runs if i % 2 == 0 else runs[::-1]:
+            timed(row, min(block, n - start), once, warmup=0)
 
 
 def host_row(n: int, name: str = "host subprocess.run") -> Row:

@@ -47,8 +47,9 @@ from ._common import (
     Refill,
     Row,
     docker_run_row,
-    exec_run_row,
+    exec_run_once,
     host_row,
+    interleaved,
     load_average,
     percentile,
     remove_leftovers,
@@ -407,38 +408,47 @@ def _span_ms(record: dict[str, Any]) -> float | None:
     return (finished - created).total_seconds() * 1000
 
 
-def http_row(client: Client, name: str, n: int, body: bytes, *,
-             follow_image: str | None = None) -> HttpRow:
-    """``POST /fn?wait=`` n times; with ``follow_image``, a first function in that image,
-    then each one a follow-up (``POST /fn/{id}``) of the one before."""
-    records: list[dict[str, Any]] = []
-    follow = follow_image is not None
-    after = ""
-    if follow_image is not None:
-        seed, why = outcome(*client.request("POST", f"/fn?wait={WAIT}",
-                                            function_body(follow_image)))
-        if why:
-            raise BenchError(f"{name}: the first function failed: {why}")
-        after = seed["id"]
+class HttpSeries:
+    """``POST /fn?wait=`` one at a time; with ``follow_image``, a first function in that
+    image, then each one a follow-up (``POST /fn/{id}``) of the one before."""
 
-    def once() -> tuple[bytes, str]:
-        nonlocal after
-        path = f"/fn/{after}?wait={WAIT}" if follow else f"/fn?wait={WAIT}"
-        record, why = outcome(*client.request("POST", path, body))
-        records.append(record)
-        if follow:
-            after = record.get("id", after)
+    def __init__(self, client: Client, name: str, body: bytes,
+                 follow_image: str | None = None) -> None:
+        self.client, self.name, self.body = client, name, body
+        self.records: list[dict[str, Any]] = []
+        self.follow = follow_image is not None
+        self.after = ""
+        if follow_image is not None:
+            seed, why = outcome(*client.request("POST", f"/fn?wait={WAIT}",
+                                                function_body(follow_image)))
+            if why:
+                raise BenchError(f"{name}: the first function failed: {why}")
+            self.after = seed["id"]
+
+    def once(self) -> tuple[bytes, str]:
+        path = f"/fn/{self.after}?wait={WAIT}" if self.follow else f"/fn?wait={WAIT}"
+        record, why = outcome(*self.client.request("POST", path, self.body))
+        self.records.append(record)
+        if self.follow:
+            self.after = record.get("id", self.after)
             if record.get("locality") != "hit":
                 why = f"{why} locality {record.get('locality')}".strip()
         return stdout_of(record), why
 
-    result = HttpRow(timed(Row(name), n, once))
-    for record in records[WARMUP:]:
-        if record.get("duration_ms") is not None:
-            result.row.inside_ms.append(float(record["duration_ms"]))
-        if (span := _span_ms(record)) is not None:
-            result.server_ms.append(span)
-    return result
+    def result(self, row: Row) -> HttpRow:
+        result = HttpRow(row)
+        for record in self.records[WARMUP:]:
+            if record.get("duration_ms") is not None:
+                result.row.inside_ms.append(float(record["duration_ms"]))
+            if (span := _span_ms(record)) is not None:
+                result.server_ms.append(span)
+        return result
+
+
+def http_row(client: Client, name: str, n: int, body: bytes, *,
+             follow_image: str | None = None) -> HttpRow:
+    series = HttpSeries(client, name, body, follow_image)
+    return series.result(timed(Row(name), n, series.once))
 
 
 # -- throughput ---------------------------------------------------------------------------------
@@ -624,29 +634,40 @@ def measure(args: argparse.Namespace, server: Server, docker_client: docker.Dock
     res.refills = [refill_once(client, docker_client, args.python_image)
                    for _ in range(REFILLS)]
 
-    say("rows 7, 1, 2 (around ufaas) ...")
+    say("rows 7 and 1 (around ufaas) ...")
     res.rows[7] = host_row(n, ROW_NAMES[7])
     res.rows[1] = docker_run_row(docker_client, args.python_image, args.n_run, ROW_NAMES[1])
-    res.rows[2] = exec_run_row(docker_client, args.python_image, args.n_exec, ROW_NAMES[2])
     say("floors of row 3 ...")
     res.floors = [http_floor(n, function_body(args.python_image)),
                   agent_floor(docker_client, n, args.python_image)]
 
     say("rows 3-6 (ufaas) ...")
     plain = function_body(args.python_image)
-    # Rows 3 and 6, compared with each other, back to back; row 4 last, since its 88 KB
-    # records can slow the functions that come right after them.
-    specs = {
-        3: (n, plain, None),
-        # A follow-up may leave out the image: it runs where the function before it ran.
-        6: (n, json.dumps({"command": ARGV}).encode(), args.python_image),
-        5: (args.n_exec, function_body(args.busybox_image), None),
-        4: (n, function_body(args.python_image, resources=resources()), None),
-    }
-    for number, (count, body, follow_image) in specs.items():
-        wait_settled(client)
-        got = http_row(client, ROW_NAMES[number], count, body, follow_image=follow_image)
+    # The rows a target compares are timed in alternating blocks: 3 with 6, 5 with 2. Small
+    # blocks for row 6: the other row's functions land in the same warm container, which
+    # keeps only the 16 latest working directories (pool.DEFAULT_WORKDIRS_KEPT); more
+    # than 16 between two follow-ups would make the next one a locality miss. Row 4
+    # last, since its 88 KB records can slow the functions that come right after them.
+    wait_settled(client)
+    # A follow-up may leave out the image: it runs where the function before it ran.
+    row3 = HttpSeries(client, ROW_NAMES[3], plain)
+    row6 = HttpSeries(client, ROW_NAMES[6], json.dumps({"command": ARGV}).encode(),
+                      args.python_image)
+    timed_rows = {3: Row(ROW_NAMES[3]), 6: Row(ROW_NAMES[6])}
+    interleaved([(timed_rows[3], row3.once), (timed_rows[6], row6.once)], n)
+    wait_settled(client)
+    row5 = HttpSeries(client, ROW_NAMES[5], function_body(args.busybox_image))
+    timed_rows.update({2: Row(ROW_NAMES[2]), 5: Row(ROW_NAMES[5])})
+    with exec_run_once(docker_client, args.python_image) as exec_run:
+        interleaved([(timed_rows[2], exec_run), (timed_rows[5], row5.once)], args.n_exec)
+    res.rows[2] = timed_rows[2]
+    for number, series in ((3, row3), (6, row6), (5, row5)):
+        got = series.result(timed_rows[number])
         res.rows[number], res.server_ms[number] = got.row, got.server_ms
+    wait_settled(client)
+    got = http_row(client, ROW_NAMES[4], n, function_body(args.python_image,
+                                                         resources=resources()))
+    res.rows[4], res.server_ms[4] = got.row, got.server_ms
 
     functions = client.posts
     if functions < RSS_AFTER:
