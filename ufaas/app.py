@@ -265,8 +265,10 @@ class FastPath:
             return await self.app(scope, receive, send)
         config = self.service.config
         headers = dict(scope["headers"])  # names come lower-cased
-        args = dict(urllib.parse.parse_qsl(scope["query_string"].decode("latin-1"),
-                                           keep_blank_values=True))
+        args: dict[str, str] = {}
+        for name, value in urllib.parse.parse_qsl(
+                scope["query_string"].decode("utf-8", "replace"), keep_blank_values=True):
+            args.setdefault(name, value)  # the first one counts, as in Quart's request.args
         try:
             length = int(headers.get(b"content-length", b""))
         except ValueError:
