@@ -637,12 +637,11 @@ def measure(args: argparse.Namespace, server: Server, docker_client: docker.Dock
     say("rows 7 and 1 (around ufaas) ...")
     res.rows[7] = host_row(n, ROW_NAMES[7])
     res.rows[1] = docker_run_row(docker_client, args.python_image, args.n_run, ROW_NAMES[1])
+    plain = function_body(args.python_image)
     say("floors of row 3 ...")
-    res.floors = [http_floor(n, function_body(args.python_image)),
-                  agent_floor(docker_client, n, args.python_image)]
+    res.floors = [http_floor(n, plain), agent_floor(docker_client, n, args.python_image)]
 
     say("rows 3-6 (ufaas) ...")
-    plain = function_body(args.python_image)
     # The rows a target compares are timed in alternating blocks: 3 with 6, 5 with 2. Small
     # blocks for row 6: the other row's functions land in the same warm container, which
     # keeps only the 16 latest working directories (pool.DEFAULT_WORKDIRS_KEPT); more

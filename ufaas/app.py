@@ -72,10 +72,14 @@ def _flag(args: Mapping[str, str], name: str) -> bool:
     raise BadRequest(f"query parameter {name!r} must be true or false")
 
 
-async def _json_body() -> Any:
+async def _body() -> bytes:
     data = await request.get_data(cache=False)
     g.body_read = True
-    return _decode(data)
+    return data
+
+
+async def _json_body() -> Any:
+    return _decode(await _body())
 
 
 def _decode(data: bytes) -> Any:
@@ -179,9 +183,7 @@ def create_app(service: Service) -> QuartTrio:
         return _number(request.args, "wait", None, lo=0, hi=config.max_wait)
 
     async def submit(after: str | None) -> Response:
-        body = await request.get_data(cache=False)
-        g.body_read = True
-        status, record, headers = await _submit(service, body, request.args, after)
+        status, record, headers = await _submit(service, await _body(), request.args, after)
         return reply(record, status, headers)
 
     @app.get("/fn")

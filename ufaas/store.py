@@ -34,19 +34,14 @@ CREATE TABLE IF NOT EXISTS specs (
 );
 """
 _SCHEMA_VERSION = 1
-# Version 0 kept the spec in a column of functions: move it to specs.
-_MIGRATE_FROM_0 = """
-CREATE TABLE functions_v1 (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    status TEXT NOT NULL,
-    record TEXT NOT NULL
-);
-INSERT INTO functions_v1 (seq, id, status, record) SELECT seq, id, status, record FROM functions;
-CREATE TABLE specs (seq INTEGER PRIMARY KEY, spec TEXT NOT NULL);
-INSERT INTO specs (seq, spec) SELECT seq, spec FROM functions;
-DROP TABLE functions;
-ALTER TABLE functions_v1 RENAME TO functions;
+# Version 0 kept the spec in a column of functions: the tables of _SCHEMA take its rows.
+_MIGRATE_FROM_0 = f"""
+ALTER TABLE functions RENAME TO functions_v0;
+DROP INDEX functions_status;
+{_SCHEMA}
+INSERT INTO functions (seq, id, status, record) SELECT seq, id, status, record FROM functions_v0;
+INSERT INTO specs (seq, spec) SELECT seq, spec FROM functions_v0;
+DROP TABLE functions_v0;
 """
 _SELECT = ("SELECT f.seq, s.spec, f.record FROM functions f "
            "JOIN specs s ON s.seq = f.seq")
