@@ -156,6 +156,10 @@ async def test_put_pending_then_conflict(start_server, make_config, images):
         assert r.json()["spec"]["command"] == ["echo", "new"]
         r = await client.put(f"/fn/{waiting['id']}", json={"command": 5})
         assert r.status_code == 422 and "command" in r.json()["error"]
+        # null resets a field, but a function cannot be left without an image.
+        r = await client.put(f"/fn/{waiting['id']}", json={"image": None})
+        assert r.status_code == 422 and r.json()["error"] == "image: required", r.text
+        assert (await client.get(f"/fn/{waiting['id']}")).json()["spec"]["image"]
         r = await client.put(f"/fn/{blocker['id']}", json={"command": ["true"]})
         assert r.status_code == 409
         done = (await client.get(f"/fn/{waiting['id']}?wait=20")).json()

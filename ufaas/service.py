@@ -142,9 +142,7 @@ class Service:
             predecessor = self.get(after)
             if isinstance(body, dict) and "image" not in body:
                 body = {**body, "image": predecessor.spec.get("image")}
-        spec = parse_spec(body, self.limits)
-        if spec.image is None:
-            raise SpecError([{"field": "image", "message": "required"}])
+        spec = _with_image(parse_spec(body, self.limits))
         if predecessor is not None and strict and not self._container_alive(predecessor):
             raise Conflict(f"the container of function {after} is gone")
         if self._pending >= self.config.queue_limit:
@@ -162,7 +160,7 @@ class Service:
             raise Conflict(f"function {fid} is {record.status}: only pending ones can change")
         update = parse_update(body, self.limits)
         old = parse_spec(record.spec, self.limits)
-        spec = merge(old, update, self.limits)
+        spec = _with_image(merge(old, update, self.limits))
         record.spec = _dump(spec)
         self.store.save(record, spec=True)
         if active is not None:
@@ -467,6 +465,13 @@ class Service:
     def _publish(self, event: dict[str, Any]) -> None:
         for watcher in self._watchers:
             watcher.offer(event)
+
+
+def _with_image(spec: TaskSpec) -> TaskSpec:
+    """The spec, if it names an image (optional in a follow-up, which inherits one)."""
+    if spec.image is None:
+        raise SpecError([{"field": "image", "message": "required"}])
+    return spec
 
 
 def _exit_event(record: Record) -> dict[str, Any]:
