@@ -4,13 +4,38 @@ Knows nothing of HTTP: a caller leases a container from a :class:`Pool`, runs on
 :class:`Job` in it and gets a :class:`Result`. :class:`Pools` keeps one pool per image.
 """
 
-from ._docker import ContainerInfo, Engine, EngineError, ImageMissing
-from ._pool import Container, Lease, Pool, PoolClosed, PoolError, Pools, PoolStatistics
+from ._docker import DEFAULT_CALL_TIMEOUT, ContainerInfo, Engine, EngineError, ImageMissing
+from ._pool import (
+    DEFAULT_IDLE_TTL,
+    DEFAULT_MAX,
+    DEFAULT_MIN_IDLE,
+    Container,
+    Lease,
+    Pool,
+    PoolClosed,
+    PoolError,
+    Pools,
+    PoolStatistics,
+)
 from ._runner import WORKDIR_ROOT
-from ._types import BadFile, File, Job, Place, Profile, Result, check_files, check_path
+from ._types import (
+    DEFAULT_OUTPUT_CAP,
+    BadFile,
+    File,
+    Job,
+    MiB,
+    Place,
+    Profile,
+    Result,
+    check_files,
+    check_path,
+    check_tree,
+)
 
 __all__ = [
-    "BadFile", "Container", "ContainerInfo", "Engine", "EngineError", "File", "ImageMissing",
-    "Job", "Lease", "Place", "Pool", "PoolClosed", "PoolError", "PoolStatistics", "Pools",
-    "Profile", "Result", "WORKDIR_ROOT", "check_files", "check_path",
+    "DEFAULT_CALL_TIMEOUT", "DEFAULT_IDLE_TTL", "DEFAULT_MAX", "DEFAULT_MIN_IDLE",
+    "DEFAULT_OUTPUT_CAP", "WORKDIR_ROOT", "BadFile", "Container", "ContainerInfo", "Engine",
+    "EngineError", "File", "ImageMissing", "Job", "Lease", "MiB", "Place", "Pool", "PoolClosed",
+    "PoolError", "PoolStatistics", "Pools", "Profile", "Result", "check_files", "check_path",
+    "check_tree",
 ]

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -237,6 +238,11 @@ class Pool:
 
     def container(self, cid: str) -> Container | None:
         return self._containers.get(cid)
+
+    def alive(self, cid: str) -> bool:
+        """Whether container ``cid`` is ours and in service."""
+        c = self._containers.get(cid)
+        return c is not None and c.state != "dead" and c.runner.alive
 
     def discard(self, cid: str) -> None:
         """Remove container ``cid`` now if idle, else when its lease ends."""
@@ -523,17 +529,15 @@ class Pools:
         home: str = "default",
         instance: str | None = None,
         labels: Mapping[str, str] | None = None,
-        min_idle: int = DEFAULT_MIN_IDLE,
-        max: int = DEFAULT_MAX,
-        idle_ttl: float = DEFAULT_IDLE_TTL,
-        watch_interval: float = DEFAULT_WATCH_INTERVAL,
+        **defaults: Any,
     ) -> None:
+        """``defaults`` are :class:`Pool` settings (``min_idle``, ``max``, ...) for every
+        pool that :meth:`add` is not given them for; the rest keep Pool's own."""
         self.engine = engine
         self.home = home
         self.instance = instance or uuid.uuid4().hex[:12]
         self.labels = {**(labels or {}), "ufaas.home": home}
-        self.defaults = {"min_idle": min_idle, "max": max, "idle_ttl": idle_ttl,
-                         "watch_interval": watch_interval}
+        self.defaults = defaults
         self._pools: dict[tuple[str, Profile], Pool] = {}
         self._starting: dict[tuple[str, Profile], trio.Event] = {}
         self._nursery: trio.Nursery | None = None
@@ -583,7 +587,7 @@ class Pools:
             try:
                 options = {**self.defaults, **settings}
                 pool = Pool(self.engine, image, profile, name=pool_name(image, profile),
-                            instance=self.instance, labels=self.labels, **options)  # type: ignore[arg-type]
+                            instance=self.instance, labels=self.labels, **options)
                 self._pools[key] = await self._nursery.start(pool.serve)
             finally:
                 del self._starting[key]
@@ -599,6 +603,17 @@ class Pools:
             if pool.container(cid) is not None:
                 return pool
         return None
+
+    def alive(self, cid: str) -> bool:
+        """Whether container ``cid`` is in service: a locality follow-up can run there."""
+        pool = self.find(cid)
+        return pool is not None and pool.alive(cid)
+
+    def discard(self, cid: str) -> None:
+        """Remove container ``cid`` now if idle, else when its lease ends; gone: nothing."""
+        pool = self.find(cid)
+        if pool is not None:
+            pool.discard(cid)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(list(self._pools.values()))

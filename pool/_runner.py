@@ -23,7 +23,7 @@ from typing import Protocol
 import trio
 
 from ._docker import Engine, EngineError, ExecStream
-from ._types import File, Job, Result
+from ._types import BadFile, File, Job, Result, check_files
 
 log = logging.getLogger("pool")
 
@@ -52,17 +52,24 @@ class ContainerLost(Exception):
 
 
 class Output:
-    """stdout and stderr of one run, each capped; forwards every kept chunk live."""
+    """stdout and stderr of one run, each capped at ``cap`` bytes.
+
+    Each kept chunk goes to ``on_output`` as it comes, and only there: the caller then
+    holds the one copy. Without ``on_output`` the chunks are kept for the result.
+    """
 
     def __init__(self, cap: int, on_output: OnOutput | None) -> None:
         self.cap = cap
-        self.parts: dict[int, list[bytes]] = {1: [], 2: []}
         self.sizes = {1: 0, 2: 0}
         self.truncated = False
-        self.on_output = on_output
+        self.parts: dict[int, list[bytes]] = {1: [], 2: []}
+        self.on_output = on_output or self._keep
+
+    def _keep(self, fd: int, data: bytes) -> None:
+        self.parts[fd].append(data)
 
     def add(self, fd: int, data: bytes) -> None:
-        if fd not in self.parts:
+        if fd not in self.sizes:
             return
         room = self.cap - self.sizes[fd]
         if len(data) > room:
@@ -70,10 +77,8 @@ class Output:
             self.truncated = True
         if not data:
             return
-        self.parts[fd].append(data)
         self.sizes[fd] += len(data)
-        if self.on_output is not None:
-            self.on_output(fd, data)
+        self.on_output(fd, data)
 
     def fill(self, result: Result) -> Result:
         result.stdout = b"".join(self.parts[1])
@@ -408,6 +413,11 @@ class ExecRunner:
                   stdin: Stdin | None = None) -> Result:
         wd = f"{WORKDIR_ROOT}/{workdir}"
         if job.files:
+            try:
+                # The tar that delivers them follows paths as given: check them here.
+                check_files(job.files)
+            except BadFile as exc:
+                return Result("refused", error=str(exc))
             refused = await self._put_files(wd, job.files)
             if refused:
                 return Result("refused", error=refused)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 MiB = 1 << 20
 DEFAULT_OUTPUT_CAP = 1 * MiB
+# Linux's NAME_MAX, and a path well under PATH_MAX once below the working directory.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 1024
 
 
 class BadFile(ValueError):
@@ -45,36 +48,47 @@ def check_path(path: str) -> str:
         raise BadFile(f"{path!r}: '..' is not allowed")
     if any(p in ("", ".") for p in parts) or posixpath.normpath(path) != path:
         raise BadFile(f"{path!r}: not a normalised relative path")
-    if len(path) > 1024 or any(len(p) > 255 for p in parts):
-        raise BadFile(f"{path[:40]!r}...: too long")
+    # Bytes, as the filesystem counts them: 200 "é" are 400 bytes, too many for a name.
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES or any(
+            len(p.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for p in parts):
+        raise BadFile(f"{path[:40]!r}...: too long (at most {MAX_NAME_BYTES} bytes a name, "
+                      f"{MAX_PATH_BYTES} in all)")
     return path
 
 
 @dataclass(frozen=True)
 class File:
-    """A file to place in the working directory before the command runs."""
+    """A file to place in the working directory before the command runs.
+
+    Not checked when made: :func:`check_files` checks a job's files once, and the agent
+    refuses a bad path inside the container whatever the host let through.
+    """
 
     path: str
     data: bytes
     mode: int = 0o644
 
-    def __post_init__(self) -> None:
-        check_path(self.path)
-        if not 0 <= self.mode <= 0o777:
-            raise BadFile(f"{self.path!r}: mode {self.mode:o} out of range")
-
 
 def check_files(files: list[File]) -> None:
-    """Refuse a set of files where one path is also used as another's directory."""
-    paths = {f.path for f in files}
-    if len(paths) != len(files):
-        raise BadFile("the same path is given twice")
+    """Refuse bad paths or modes, and a set of paths :func:`check_tree` refuses."""
     for f in files:
-        parts = f.path.split("/")
+        check_path(f.path)
+        if not 0 <= f.mode <= 0o777:
+            raise BadFile(f"{f.path!r}: mode {f.mode:o} out of range")
+    check_tree([f.path for f in files])
+
+
+def check_tree(paths: list[str]) -> None:
+    """Refuse checked paths where one is given twice, or is also another's directory."""
+    unique = set(paths)
+    if len(unique) != len(paths):
+        raise BadFile("the same path is given twice")
+    for path in paths:
+        parts = path.split("/")
         for i in range(1, len(parts)):
             prefix = "/".join(parts[:i])
-            if prefix in paths:
-                raise BadFile(f"{prefix!r} is a file and also the directory of {f.path!r}")
+            if prefix in unique:
+                raise BadFile(f"{prefix!r} is a file and also the directory of {path!r}")
 
 
 @dataclass

@@ -101,7 +101,7 @@ async def test_spec_example_with_url_resource(start_server, python_config, image
         "network": False,
     }
     with trio.fail_after(60):
-        client = await start_server(python_config())
+        client = await start_server(python_config(fetch_allow=["127.0.0.1/32"]))
         rec = (await client.post("/fn?wait=20", json=body)).json()
         assert rec["status"] == "succeeded", rec
         assert rec["stdout"] == "b'\\x00\\x01\\x02'\ntool ok\nvalue optional text\n"

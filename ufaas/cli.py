@@ -130,13 +130,13 @@ def client_main(argv: list[str]) -> int:
                 print("ufaas run: give the command after --", file=sys.stderr)
                 return 2
             return trio.run(run_command, args, _spec(args))
-        client = SyncClient(args.url)
-        if args.command == "ls":
-            _print_table(client.list(args.status, args.limit))
-        elif args.command == "show":
-            print(json.dumps(client.get(args.id), indent=2))
-        else:
-            print(client.cancel(args.id)["status"])
+        with SyncClient(args.url) as client:
+            if args.command == "ls":
+                _print_table(client.list(args.status, args.limit))
+            elif args.command == "show":
+                print(json.dumps(client.get(args.id), indent=2))
+            else:
+                print(client.cancel(args.id)["status"])
     except (ClientError, ValueError, OSError) as exc:
         print(f"ufaas {args.command}: {exc}", file=sys.stderr)
         return EXIT_NOT_RUN if args.command == "run" else 1
@@ -187,12 +187,11 @@ def _print_table(records: list[dict[str, Any]]) -> None:
 
 async def run_command(args: argparse.Namespace, spec: dict[str, Any]) -> int:
     """``ufaas run``: the function's exit code. The first Ctrl-C cancels the function."""
-    client = Client(args.url)
     created: list[str] = []
     stdin = None if sys.stdin is None or sys.stdin.isatty() else _read_stdin()
     end: dict[str, Any] | None = None
     failure: ClientError | None = None
-    async with trio.open_nursery() as nursery:
+    async with Client(args.url) as client, trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_interrupt, client, created, nursery.cancel_scope)
         try:
             end = await client.run(spec, after=args.after, stdin=stdin,

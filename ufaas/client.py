@@ -1,24 +1,24 @@
 """A Python client for a running ufaas server: its REST calls and live WebSocket streams.
 
 :class:`Client` is for trio (every call is a coroutine); :class:`SyncClient` makes the same
-calls blocking. Standard library and trio-websocket only: REST goes over ``http.client``
-(in a worker thread for :class:`Client`).
+calls blocking. REST goes over httpx (async under trio, or sync), WebSocket over
+trio-websocket. Either client can be used as a context manager, which closes its
+connections at the end.
 """
 
 from __future__ import annotations
 
-import http.client
 import inspect
 import json
 import os
-import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlsplit
 
+import httpx
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -31,6 +31,8 @@ from trio_websocket import (
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 60.0
 MAX_MESSAGE = 16 << 20
+# The longest a closing WebSocket waits for the server's close frame.
+DISCONNECT_TIMEOUT = 5.0
 
 Event = dict[str, Any]
 Output = Callable[[str], Awaitable[None] | None]
@@ -46,7 +48,7 @@ class ClientError(Exception):
 
 
 class _Calls:
-    """The REST calls, each made through ``_call``: blocking or in a thread."""
+    """The REST calls, each made through ``_call`` (a coroutine or a blocking call)."""
 
     def __init__(self, url: str | None = None, token: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -70,13 +72,17 @@ class _Calls:
         path = "/fn" if after is None else f"/fn/{quote(after, safe='')}"
         return self._call("POST", path, spec, wait, wait=wait, strict=strict or None)
 
-    def get(self, fid: str, *, wait: float | None = None) -> Any:
-        """A function's record, once finished if it ends within ``wait`` seconds."""
-        return self._call("GET", f"/fn/{quote(fid, safe='')}", None, wait, wait=wait)
+    def get(self, fid: str, *, wait: float | None = None, full_spec: bool = False) -> Any:
+        """A function's record, once finished if it ends within ``wait`` seconds;
+        ``full_spec``: with its spec as sent, content included."""
+        return self._call("GET", f"/fn/{quote(fid, safe='')}", None, wait, wait=wait,
+                          spec="full" if full_spec else None)
 
-    def list(self, status: str | None = None, limit: int | None = None) -> Any:
-        """Records, newest first: the active ones, or ``status`` (``all`` or one status)."""
-        return self._call("GET", "/fn", status=status, limit=limit)
+    def list(self, status: str | None = None, limit: int | None = None,
+             before: str | None = None) -> Any:
+        """Records, newest first: the active ones, or ``status`` (``all`` or one status);
+        ``before``: only those older than that id (the next page)."""
+        return self._call("GET", "/fn", status=status, limit=limit, before=before)
 
     def update(self, fid: str, changes: dict[str, Any]) -> Any:
         return self._call("PUT", f"/fn/{quote(fid, safe='')}", changes)
@@ -94,41 +100,35 @@ class _Calls:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: Any, hold: float | None,
-                 params: dict[str, Any]) -> Any:
-        """One blocking HTTP request; the decoded JSON answer, or ClientError."""
-        query = urlencode({k: v for k, v in params.items() if v is not None})
-        target = self._parts.path.rstrip("/") + path + (f"?{query}" if query else "")
-        headers = {"Accept": "application/json", **self._auth()}
-        data = None
+    def _options(self) -> dict[str, Any]:
+        return {"base_url": self.url, "headers": {"Accept": "application/json", **self._auth()},
+                "timeout": self.timeout}
+
+    def _request(self, path: str, body: Any, hold: float | None,
+                 params: dict[str, Any]) -> dict[str, Any]:
+        """The keywords of one ``httpx`` request."""
+        request: dict[str, Any] = {
+            "url": path, "params": {k: v for k, v in params.items() if v is not None},
+            "timeout": self.timeout + (hold or 0)}
         if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        timeout = self.timeout + (hold or 0)
-        if self._parts.scheme == "https":
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self._parts.hostname or "", self._parts.port, timeout=timeout,
-                context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(self._parts.hostname or "", self._parts.port,
-                                              timeout=timeout)
+            request["json"] = body
+        return request
+
+    def _answer(self, response: httpx.Response) -> Any:
+        """The decoded JSON answer, or ClientError."""
         try:
-            conn.request(method, target, body=data, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
-        except OSError as exc:
-            raise ClientError(0, f"cannot reach {self.url}: {exc}") from exc
-        finally:
-            conn.close()
-        try:
-            answer = json.loads(raw) if raw else None
+            answer = response.json() if response.content else None
         except ValueError:
-            answer = {"error": raw[:200].decode(errors="replace")}
-        if response.status >= 400:
+            answer = {"error": response.text[:200]}
+        if response.status_code >= 400:
             answer = answer if isinstance(answer, dict) else {}
-            raise ClientError(response.status, str(answer.get("error") or response.reason),
+            raise ClientError(response.status_code,
+                              str(answer.get("error") or response.reason_phrase),
                               answer.get("detail"))
         return answer
+
+    def _unreachable(self, exc: Exception) -> ClientError:
+        return ClientError(0, f"cannot reach {self.url}: {exc}")
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -193,12 +193,31 @@ class Stream:
 
 class Client(_Calls):
     """The trio client: every REST call is a coroutine; :meth:`stream` and :meth:`run`
-    use the WebSocket API."""
+    use the WebSocket API. A call cancelled while it waits closes its connection."""
+
+    _http: httpx.AsyncClient | None = None
 
     async def _call(self, method: str, path: str, body: Any = None, hold: float | None = None,
                     **params: Any) -> Any:
-        return await trio.to_thread.run_sync(
-            partial(self._request, method, path, body, hold, params), abandon_on_cancel=True)
+        if self._http is None:
+            self._http = httpx.AsyncClient(**self._options())
+        try:
+            response = await self._http.request(method, **self._request(path, body, hold,
+                                                                         params))
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        return self._answer(response)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     @asynccontextmanager
     async def stream(self) -> AsyncIterator[Stream]:
@@ -208,7 +227,7 @@ class Client(_Calls):
             async with open_websocket_url(
                     self.ws_url, extra_headers=headers, max_message_size=MAX_MESSAGE,
                     receive_buffer_size=None, connect_timeout=self.timeout,
-                    disconnect_timeout=min(self.timeout, 5.0)) as ws:
+                    disconnect_timeout=min(self.timeout, DISCONNECT_TIMEOUT)) as ws:
                 yield Stream(ws)
         except ConnectionRejected as exc:
             raise ClientError(exc.status_code, _rejection(exc.body)) from None
@@ -296,9 +315,28 @@ def _rejection(body: bytes | None) -> str:
 class SyncClient(_Calls):
     """The blocking client: the same REST calls as :class:`Client`, and :meth:`run`."""
 
+    _http: httpx.Client | None = None
+
     def _call(self, method: str, path: str, body: Any = None, hold: float | None = None,
               **params: Any) -> Any:
-        return self._request(method, path, body, hold, params)
+        if self._http is None:
+            self._http = httpx.Client(**self._options())
+        try:
+            response = self._http.request(method, **self._request(path, body, hold, params))
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        return self._answer(response)
+
+    def close(self) -> None:
+        if self._http is not None:
+            http, self._http = self._http, None
+            http.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def run(self, spec: dict[str, Any], *, after: str | None = None,
             stdout: Callable[[str], None] | None = None,

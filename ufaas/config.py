@@ -1,5 +1,8 @@
 """The server's one typed configuration: defaults, then a TOML file, then UFAAS_* variables,
 then command-line options, each overriding the one before.
+
+Every default of the service lives here, once; container profiles and pool sizes default
+to the pool library's own values, which this module names rather than repeats.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pool import Profile
+import pool
+from pool import MiB, Profile
 
-from .tasks import Limits
+from .fetch import AddressPolicy
+from .live import WATCHER_BYTES
+from .spec import Limits
 
-MiB = 1 << 20
 ENV_PREFIX = "UFAAS_"
+# Settings that are tables in TOML: not settable from a single environment variable.
+_TABLES = ("pools", "labels", "fetch_allow")
 
 
 def default_db() -> str:
@@ -30,31 +37,41 @@ class ConfigError(Exception):
 
 
 class PoolConfig(BaseModel):
-    """A pool started with the server: ``[[pools]]`` in the TOML file."""
+    """A pool started with the server: ``[[pools]]`` in the TOML file.
+
+    A setting left out takes the server-wide one (``min_idle``, ``max``, ``idle_ttl``) or the
+    container profile's default (the rest).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(min_length=1)
-    min_idle: int = Field(1, ge=0, le=256)
-    max: int = Field(4, ge=1, le=1024)
-    idle_ttl: float = Field(300.0, gt=0)
-    memory: int = Field(512 * MiB, ge=16 * MiB, description="bytes per container")
-    cpus: float = Field(1.0, gt=0)
-    pids: int = Field(256, ge=8)
+    min_idle: int | None = Field(None, ge=0, le=256)
+    max: int | None = Field(None, ge=1, le=1024)
+    idle_ttl: float | None = Field(None, gt=0)
+    memory: int | None = Field(None, description="bytes per container")
+    cpus: float | None = None
+    pids: int | None = None
     network: bool = False
-    user: str = "65534:65534"
-    workdir_size: int = Field(256 * MiB, ge=MiB)
+    user: str | None = None
+    workdir_size: int | None = Field(None, description="bytes of the working directories")
 
     @model_validator(mode="after")
     def _sizes(self) -> PoolConfig:
-        if self.min_idle > self.max:
+        if self.min_idle is not None and self.max is not None and self.min_idle > self.max:
             raise ValueError("min_idle must not exceed max")
         self.profile()  # raises on a bad user or limits
         return self
 
     def profile(self) -> Profile:
-        return Profile(memory=self.memory, cpus=self.cpus, pids=self.pids,
-                       network=self.network, user=self.user, workdir_size=self.workdir_size)
+        given = {name: getattr(self, name) for name in
+                 ("memory", "cpus", "pids", "network", "user", "workdir_size")}
+        return Profile(**{k: v for k, v in given.items() if v is not None})
+
+    def sizes(self, config: Config) -> dict[str, Any]:
+        """``min_idle``, ``max`` and ``idle_ttl`` of this pool, the server's where not given."""
+        return {name: getattr(config, name) if getattr(self, name) is None
+                else getattr(self, name) for name in ("min_idle", "max", "idle_ttl")}
 
 
 class Config(BaseModel):
@@ -75,37 +92,62 @@ class Config(BaseModel):
     max_resources: int = Field(256, ge=0)
     max_file_bytes: int = Field(8 * MiB, ge=0)
     max_total_bytes: int = Field(32 * MiB, ge=0)
-    output_cap: int = Field(1 * MiB, ge=1024, description="bytes kept per stream")
-    stream_buffer: int = Field(1 * MiB, ge=65536, description="bytes of live output "
+    output_cap: int = Field(pool.DEFAULT_OUTPUT_CAP, ge=1024,
+                            description="bytes kept per stream")
+    stream_buffer: int = Field(WATCHER_BYTES, ge=65536, description="bytes of live output "
                                "buffered per WebSocket client before it misses some")
     # Scheduling.
     queue_limit: int = Field(1000, ge=1, description="pending functions before 429")
     queue_timeout: float = Field(600.0, gt=0, description="longest wait for a container")
     max_wait: float = Field(300.0, gt=0, description="longest ?wait= a request may hold")
-    # Pools made on first use for images not listed in [[pools]].
-    min_idle: int = Field(1, ge=0)
-    max: int = Field(4, ge=1)
-    idle_ttl: float = Field(300.0, gt=0)
+    max_list: int = Field(1000, ge=1, description="most records one listing returns")
+    max_list_bytes: int = Field(16 * MiB, ge=1024, description="most bytes of JSON one "
+                                "listing returns (one record at least)")
+    # Pools made on first use for images not listed in [[pools]], and the sizes of those
+    # listed that do not give their own.
+    min_idle: int = Field(pool.DEFAULT_MIN_IDLE, ge=0)
+    max: int = Field(pool.DEFAULT_MAX, ge=1)
+    idle_ttl: float = Field(pool.DEFAULT_IDLE_TTL, gt=0)
     pools: list[PoolConfig] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict,
                                    description="extra labels on every container")
     # URL resources.
     download_max_bytes: int = Field(8 * MiB, ge=1)
-    download_timeout: float = Field(30.0, gt=0)
+    download_timeout: float = Field(30.0, gt=0, description="seconds one download may take "
+                                    "once it has its slot")
+    fetch_allow: list[str] = Field(default_factory=list, description="CIDRs and host names "
+                                   "(*.domain for a whole domain) that downloads may reach "
+                                   "although the address policy refuses them")
+    fetch_proxy: str | None = Field(None, description="an HTTP proxy for downloads (proxy "
+                                    "variables of the environment are never used)")
     # Engine and shutdown.
-    engine_timeout: float = Field(30.0, gt=0, description="deadline of one engine call")
+    engine_timeout: float = Field(pool.DEFAULT_CALL_TIMEOUT, gt=0,
+                                  description="deadline of one engine call")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds running functions get")
 
     @model_validator(mode="after")
     def _timeouts(self) -> Config:
         if self.default_timeout > self.max_timeout:
             raise ValueError("default_timeout must not exceed max_timeout")
+        for pc in self.pools:
+            sizes = pc.sizes(self)
+            if sizes["min_idle"] > sizes["max"]:
+                raise ValueError(f"pool {pc.image}: min_idle must not exceed max")
         return self
 
     def limits(self) -> Limits:
         return Limits(max_timeout=self.max_timeout, default_timeout=self.default_timeout,
                       max_resources=self.max_resources, max_file_bytes=self.max_file_bytes,
-                      max_total_bytes=self.max_total_bytes)
+                      max_total_bytes=self.max_total_bytes,
+                      url_refusal=AddressPolicy(self.fetch_allow).check_literal)
+
+    def profile_for(self, image: str, network: bool) -> Profile:
+        """The container profile of a function's pool: a configured pool's, else the
+        default with the function's network setting."""
+        for pc in self.pools:
+            if pc.image == image and pc.network == network:
+                return pc.profile()
+        return Profile(network=network)
 
     @classmethod
     def load(cls, path: str | Path | None = None, environ: dict[str, str] | None = None,
@@ -120,7 +162,7 @@ class Config(BaseModel):
         env = os.environ if environ is None else environ
         for name in cls.model_fields:
             value = env.get(ENV_PREFIX + name.upper())
-            if value is not None and name not in ("pools", "labels"):
+            if value is not None and name not in _TABLES:
                 data[name] = value
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:

@@ -1,6 +1,7 @@
-"""Live input and output of functions: stdin pipes, output transcripts and watcher buffers.
+"""Live input and output of functions: stdin pipes, output transcripts, and the hub that
+offers each function's events to the watchers that follow it.
 
-No I/O here. The service feeds these from the pool and the WebSocket layer drains them; every
+No I/O here. Functions feed these from the pool and the WebSocket layer drains them; every
 buffer has a bound, so a slow or silent client costs the server a fixed amount of memory.
 """
 
@@ -13,7 +14,8 @@ from typing import Any
 
 import trio
 
-MiB = 1 << 20
+from pool import MiB
+
 # Output is cut into events of at most this many bytes (and replays into as many characters),
 # well under any WebSocket client's message limit even once JSON-escaped.
 EVENT_BYTES = 65536
@@ -79,7 +81,8 @@ def _decoder() -> codecs.IncrementalDecoder:
 
 
 class Transcript:
-    """A function's output as the text events sent live, kept so late watchers can replay it.
+    """A function's output, the one copy of it: the text events sent live, from which the
+    record's stdout and stderr and a late watcher's replay are both read.
 
     Decoding is incremental, so a character cut between two chunks is not mangled, and the
     replay is exactly what a watcher from the start has seen.
@@ -105,6 +108,10 @@ class Transcript:
                if (text := d.decode(b"", final=True))]
         self.parts.extend(new)
         return new
+
+    def text(self, stream: str) -> str:
+        """All of ``stream`` (``stdout`` or ``stderr``) so far."""
+        return "".join(text for name, text in self.parts if name == stream)
 
     def events(self, fid: str) -> list[Event]:
         """Everything so far, consecutive parts of one stream joined, cut to EVENT_BYTES."""
@@ -257,3 +264,30 @@ class Watcher:
             peak_events=self._peak_events, peak_bytes=self._peak_bytes,
             dropped=self._dropped, max_events=self.max_events, max_bytes=self.max_bytes,
         )
+
+
+class Hub:
+    """The watchers of one server (one per WebSocket client), and the events offered to them.
+
+    ``publish`` never blocks: each watcher buffers what it follows, within its own bounds.
+    """
+
+    def __init__(self, *, max_bytes: int = WATCHER_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._watchers: set[Watcher] = set()
+
+    def subscribe(self, **limits: int) -> Watcher:
+        """A new watcher; ``unsubscribe`` it when its client goes."""
+        watcher = Watcher(**{"max_bytes": self.max_bytes, **limits})
+        self._watchers.add(watcher)
+        return watcher
+
+    def unsubscribe(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+
+    def publish(self, event: Event) -> None:
+        for watcher in self._watchers:
+            watcher.offer(event)
+
+    def statistics(self) -> list[WatcherStatistics]:
+        return [w.statistics() for w in self._watchers]

@@ -1,11 +1,13 @@
-"""Runs the service and its HTTP server, nested by lifetime: the service outlives HTTP.
+"""The composition root: builds the store, the engine, the pools, the scheduler and the HTTP
+app from one Config, and runs them nested by lifetime (the scheduler outlives HTTP).
 
 Shutdown: the trigger stops HTTP, running functions get ``shutdown_grace`` seconds, then
-the service is cancelled and every container is removed.
+the scheduler is cancelled and every container is removed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -14,15 +16,31 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from .app import FastPath, create_app
+from pool import Engine, Pools
+
+from .api import create_app
 from .config import Config
-from .service import Service
+from .fetch import Downloader
+from .live import Hub
+from .scheduler import Scheduler
+from .spec import summarize
+from .store import Store
 
 log = logging.getLogger("ufaas")
+
+# Bounds on the last steps of a shutdown, after the functions' own grace.
+HTTP_GRACE = 5.0
+ENGINE_CLOSE = 5.0
 
 
 class InsecureBind(Exception):
     """Listening beyond loopback without a token."""
+
+
+def home(db: str) -> str:
+    """The name of the state a server belongs to: containers of another server with the same
+    database are its own, left by an earlier run."""
+    return hashlib.sha256(str(db).encode()).hexdigest()[:16]
 
 
 async def serve(
@@ -37,33 +55,60 @@ async def serve(
     if not config.is_loopback() and not config.token and not config.insecure:
         raise InsecureBind(f"refusing to listen on {config.host} without a token: set "
                            "--token (or UFAAS_TOKEN), or pass --insecure")
-    service = Service(config, instance=instance, labels=labels)
+    store = Store(config.db, summarize=summarize)
+    engine = Engine(config.docker_host, call_timeout=config.engine_timeout)
+    try:
+        pools = Pools(engine, home=home(config.db), instance=instance,
+                      labels={**config.labels, **(labels or {})}, min_idle=config.min_idle,
+                      max=config.max, idle_ttl=config.idle_ttl)
+        downloader = Downloader(max_bytes=config.download_max_bytes,
+                                timeout=config.download_timeout, allow=config.fetch_allow,
+                                proxy=config.fetch_proxy)
+        scheduler = Scheduler(config, store, pools, downloader, Hub(max_bytes=config.stream_buffer))
+        app = create_app(scheduler, config, healthy=engine.ping)
+        try:
+            await _serve_http(config, pools, scheduler, app, shutdown_trigger, task_status)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(ENGINE_CLOSE):
+                await downloader.aclose()
+    finally:
+        store.close()
+        with trio.CancelScope(shield=True), trio.move_on_after(ENGINE_CLOSE):
+            await engine.aclose()
+
+
+async def _serve_http(config: Config, pools: Pools, scheduler: Scheduler, app: object,
+                      shutdown_trigger: Callable[[], Awaitable[None]] | None,
+                      task_status: trio.TaskStatus[str]) -> None:
     hconfig = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hconfig.bind = [f"{host}:{config.port}"]
     hconfig.accesslog = None
-    hconfig.graceful_timeout = 5.0
+    hconfig.graceful_timeout = HTTP_GRACE
     hconfig.keep_alive_timeout = 75.0
     stop_http = trio.Event()
 
-    async def http_trigger() -> None:
-        await stop_http.wait()
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.serve)
-        app = FastPath(create_app(service), service)
-        binds = await nursery.start(partial(hypercorn_serve, app, hconfig,
-                                            shutdown_trigger=http_trigger, mode="asgi"))
-        url = binds[0].replace("0.0.0.0", "127.0.0.1") if binds else ""
-        log.info("ufaas ready at %s", url)
-        task_status.started(url)
+    # Nested by lifetime: functions end (and are recorded) before their pools go.
+    async with trio.open_nursery() as outer:
+        await outer.start(pools.serve)
         try:
-            if shutdown_trigger is not None:
-                await shutdown_trigger()
-            else:
-                await trio.sleep_forever()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(scheduler.serve)
+                binds = await nursery.start(partial(
+                    hypercorn_serve, app, hconfig,  # type: ignore[arg-type]
+                    shutdown_trigger=stop_http.wait, mode="asgi"))
+                url = binds[0].replace("0.0.0.0", "127.0.0.1") if binds else ""
+                log.info("ufaas ready at %s", url)
+                task_status.started(url)
+                try:
+                    if shutdown_trigger is not None:
+                        await shutdown_trigger()
+                    else:
+                        await trio.sleep_forever()
+                finally:
+                    stop_http.set()
+                    with trio.CancelScope(shield=True):
+                        await scheduler.drain(config.shutdown_grace)
+                    nursery.cancel_scope.cancel()
         finally:
-            stop_http.set()
-            with trio.CancelScope(shield=True):
-                await service.drain(config.shutdown_grace)
-            nursery.cancel_scope.cancel()
+            outer.cancel_scope.cancel()

@@ -1,7 +1,9 @@
 """Function records in SQLite (WAL): what was asked, where it ran, how it ended.
 
-Calls are synchronous on purpose: each is one indexed row on a local file, well under a
-millisecond in WAL mode, cheaper than the hop to a worker thread.
+Three tables share one key: ``functions`` holds each record without its output (small:
+listings read only this), ``specs`` the spec as sent (read to run it, or when asked for),
+``outputs`` the output once the function has ended. Calls are synchronous on purpose: each
+is one indexed row on a local file, cheaper than the hop to a worker thread.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,8 +21,8 @@ ACTIVE = ("pending", "running")
 FINISHED = ("succeeded", "failed", "timeout", "cancelled", "error")
 STATUSES = ACTIVE + FINISHED
 
-# The spec has a table of its own: SQLite rewrites a whole row on every UPDATE, and a
-# spec with embedded files can be megabytes, written once but updated past twice.
+# SQLite rewrites a whole row on every UPDATE: the spec (megabytes with embedded files) and
+# the output (up to twice output_cap) have tables of their own, written once each.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS functions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -30,10 +33,15 @@ CREATE TABLE IF NOT EXISTS functions (
 CREATE INDEX IF NOT EXISTS functions_status ON functions (status, seq);
 CREATE TABLE IF NOT EXISTS specs (
     seq INTEGER PRIMARY KEY,
-    spec TEXT NOT NULL
+    spec BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outputs (
+    seq INTEGER PRIMARY KEY,
+    stdout TEXT NOT NULL,
+    stderr TEXT NOT NULL
 );
 """
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 # Version 0 kept the spec in a column of functions: the tables of _SCHEMA take its rows.
 _MIGRATE_FROM_0 = f"""
 ALTER TABLE functions RENAME TO functions_v0;
@@ -43,13 +51,13 @@ INSERT INTO functions (seq, id, status, record) SELECT seq, id, status, record F
 INSERT INTO specs (seq, spec) SELECT seq, spec FROM functions_v0;
 DROP TABLE functions_v0;
 """
-_SELECT = ("SELECT f.seq, s.spec, f.record FROM functions f "
-           "JOIN specs s ON s.seq = f.seq")
+# Columns of a record as listed: never the spec body, never the output.
+_SELECT = "SELECT seq, record FROM functions"
 
 
 @dataclass
 class Record:
-    """One function: its spec, and everything known about its run."""
+    """One function: its spec as records show it (see ``Spec.summary``), and its run."""
 
     id: str
     spec: dict[str, Any]
@@ -75,9 +83,9 @@ class Record:
     def finished(self) -> bool:
         return self.status in FINISHED
 
-    def public(self) -> dict[str, Any]:
-        """The record as the API shows it."""
-        return {
+    def public(self, *, output: bool = True) -> dict[str, Any]:
+        """The record as the API shows it; listings leave the output out."""
+        shown = {
             "id": self.id,
             "status": self.status,
             "spec": self.spec,
@@ -87,8 +95,6 @@ class Record:
             "exit_code": self.exit_code,
             "signal": self.signal,
             "oom": self.oom,
-            "stdout": self.stdout,
-            "stderr": self.stderr,
             "truncated": self.truncated,
             "created_at": iso(self.created_at),
             "started_at": iso(self.started_at),
@@ -96,6 +102,9 @@ class Record:
             "duration_ms": self.duration_ms,
             "error": self.error,
         }
+        if output:
+            shown["stdout"], shown["stderr"] = self.stdout, self.stderr
+        return shown
 
 
 def iso(t: float | None) -> str | None:
@@ -105,96 +114,158 @@ def iso(t: float | None) -> str | None:
         "+00:00", "Z")
 
 
-_FIELDS = {f.name for f in fields(Record)} - {"seq"}
+_FIELDS = {f.name for f in fields(Record)} - {"seq", "stdout", "stderr"}
+# After a crash, what a function that was running when the server stopped says.
+INTERRUPTED = "interrupted: the server stopped while the function ran"
 
 
 class Store:
-    """Records keyed by id, kept in arrival order."""
+    """Records keyed by id, kept in arrival order.
 
-    def __init__(self, path: str | Path) -> None:
+    ``summarize`` turns a stored spec (a decoded JSON object) into its record summary; it
+    is needed only to migrate a database of version 1 or older.
+    """
+
+    def __init__(self, path: str | Path,
+                 summarize: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+        self._migrate(summarize)
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
-    def _migrate(self) -> None:
+    def _migrate(self, summarize: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "functions" not in tables or version >= _SCHEMA_VERSION:
+            return
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(functions)")}
-        if version == 0 and "spec" in columns:
-            try:
-                self._db.executescript(f"BEGIN; {_MIGRATE_FROM_0} COMMIT;")
-            except sqlite3.Error:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        # One transaction for all of it: executescript() would commit half-way.
+        with self._transaction():
+            for statement in (_MIGRATE_FROM_0 if "spec" in columns else _SCHEMA).split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            # Version 1: the output sat in each record, and records had no spec summary.
+            rows = self._db.execute(
+                "SELECT f.seq, f.record, s.spec FROM functions f JOIN specs s "
+                "ON s.seq = f.seq").fetchall()
+            for seq, raw, spec in rows:
+                data = json.loads(raw)
+                stdout, stderr = data.pop("stdout", ""), data.pop("stderr", "")
+                spec_data = json.loads(spec)
+                data["spec"] = (summarize(spec_data) if summarize is not None
+                                else spec_data)
+                self._db.execute("UPDATE functions SET record = ? WHERE seq = ?",
+                                 (_dumps(data), seq))
+                if data.get("status") in FINISHED:
+                    self._db.execute("INSERT INTO outputs (seq, stdout, stderr) "
+                                     "VALUES (?, ?, ?)", (seq, stdout, stderr))
+
+    def _transaction(self) -> sqlite3.Connection:
+        self._db.execute("BEGIN")
+        return self._db  # its context manager commits, or rolls back on an exception
 
     def close(self) -> None:
         self._db.close()
 
-    def insert(self, record: Record, spec_json: str | None = None) -> Record:
-        """Add a new record; ``spec_json``, when given, is its spec already as JSON."""
-        with self._db:  # one transaction
-            self._db.execute("BEGIN")
+    def insert(self, record: Record, spec: bytes | str) -> Record:
+        """Add a new record with its spec as sent (JSON)."""
+        with self._transaction():
             cur = self._db.execute(
                 "INSERT INTO functions (id, status, record) VALUES (?, ?, ?)",
                 (record.id, record.status, _dump(record)))
             self._db.execute("INSERT INTO specs (seq, spec) VALUES (?, ?)",
-                             (cur.lastrowid, spec_json or _dumps(record.spec)))
+                             (cur.lastrowid, spec))
         record.seq = cur.lastrowid
         return record
 
-    def save(self, record: Record, *, spec: bool = False) -> None:
-        """Write the record back; its spec too only when asked (it rarely changes)."""
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute("UPDATE functions SET status = ?, record = ? WHERE id = ?",
-                             (record.status, _dump(record), record.id))
-            if spec:
+    def save(self, record: Record) -> None:
+        """Write the record back, without its output; with it once it has finished."""
+        with self._transaction():
+            self._db.execute("UPDATE functions SET status = ?, record = ? WHERE seq = ?",
+                             (record.status, _dump(record), record.seq))
+            if record.finished:
                 self._db.execute(
-                    "UPDATE specs SET spec = ? WHERE seq = (SELECT seq FROM functions "
-                    "WHERE id = ?)", (_dumps(record.spec), record.id))
+                    "INSERT OR REPLACE INTO outputs (seq, stdout, stderr) VALUES (?, ?, ?)",
+                    (record.seq, record.stdout, record.stderr))
+
+    def replace_spec(self, record: Record, spec: bytes | str) -> None:
+        """A new spec for a pending function, and the record that summarizes it."""
+        with self._transaction():
+            self._db.execute("UPDATE specs SET spec = ? WHERE seq = ?", (spec, record.seq))
+            self._db.execute("UPDATE functions SET record = ? WHERE seq = ?",
+                             (_dump(record), record.seq))
 
     def get(self, fid: str) -> Record | None:
-        row = self._db.execute(f"{_SELECT} WHERE f.id = ?", (fid,)).fetchone()
-        return _load(row) if row else None
+        """The record, with its output."""
+        row = self._db.execute(f"{_SELECT} WHERE id = ?", (fid,)).fetchone()
+        return None if row is None else self.with_output(_load(row))
 
-    def list(self, statuses: tuple[str, ...] | None = ACTIVE, limit: int = 100) -> list[Record]:
-        """Newest first; ``statuses`` None means all."""
-        if statuses is None:
-            rows = self._db.execute(f"{_SELECT} ORDER BY f.seq DESC LIMIT ?", (limit,))
-        else:
-            marks = ",".join("?" * len(statuses))
-            rows = self._db.execute(
-                f"{_SELECT} WHERE f.status IN ({marks}) ORDER BY f.seq DESC LIMIT ?",
-                (*statuses, limit))
-        return [_load(r) for r in rows]
+    def with_output(self, record: Record) -> Record:
+        """``record`` with its output filled in, once it has finished."""
+        if record.finished:
+            output = self._db.execute("SELECT stdout, stderr FROM outputs WHERE seq = ?",
+                                      (record.seq,)).fetchone()
+            if output is not None:
+                record.stdout, record.stderr = output
+        return record
+
+    def spec(self, fid: str) -> bytes | None:
+        """The spec as sent (JSON), or None for an unknown id."""
+        row = self._db.execute(
+            "SELECT s.spec FROM specs s JOIN functions f ON f.seq = s.seq WHERE f.id = ?",
+            (fid,)).fetchone()
+        if row is None:
+            return None
+        value = row[0]
+        return value.encode() if isinstance(value, str) else value
+
+    def records(self, statuses: tuple[str, ...] | None = ACTIVE, limit: int = 100,
+                before: int | None = None) -> Iterator[Record]:
+        """Newest first, without output; ``statuses`` None means all, ``before`` a seq."""
+        where, args = [], []
+        if statuses is not None:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            args.extend(statuses)
+        if before is not None:
+            where.append("seq < ?")
+            args.append(before)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self._db.execute(f"{_SELECT}{clause} ORDER BY seq DESC LIMIT ?",
+                                (*args, limit))
+        return (_load(r) for r in rows.fetchall())
+
+    def seq(self, fid: str) -> int | None:
+        row = self._db.execute("SELECT seq FROM functions WHERE id = ?", (fid,)).fetchone()
+        return row[0] if row else None
 
     def count(self, status: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM functions WHERE status = ?",
                                 (status,)).fetchone()[0]
 
     def delete(self, fid: str) -> bool:
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM specs WHERE seq = (SELECT seq FROM functions "
-                             "WHERE id = ?)", (fid,))
-            return self._db.execute("DELETE FROM functions WHERE id = ?",
-                                    (fid,)).rowcount > 0
+        seq = self.seq(fid)
+        if seq is None:
+            return False
+        with self._transaction():
+            for table in ("specs", "outputs", "functions"):
+                self._db.execute(f"DELETE FROM {table} WHERE seq = ?", (seq,))
+        return True
 
     def recover(self) -> list[Record]:
         """After a crash: end running functions as interrupted; return pending, oldest first."""
         now = time.time()
-        for record in self.list(("running",), limit=1 << 30):
+        for record in list(self.records(("running",), limit=-1)):
             record.status = "error"
-            record.error = "interrupted: the server stopped while the function ran"
+            record.error = INTERRUPTED
             record.finished_at = now
             self.save(record)
-        return sorted(self.list(("pending",), limit=1 << 30), key=lambda r: r.seq or 0)
+        return sorted(self.records(("pending",), limit=-1), key=lambda r: r.seq or 0)
 
 
 def _dumps(value: object) -> str:
@@ -202,15 +273,14 @@ def _dumps(value: object) -> str:
 
 
 def _dump(record: Record) -> str:
-    # vars(), not asdict(): asdict deep-copies; the spec has its own column, written once.
+    # vars(), not asdict(): asdict deep-copies. The output has a table of its own.
     data = dict(vars(record))
-    del data["seq"], data["spec"]
+    del data["seq"], data["stdout"], data["stderr"]
     return _dumps(data)
 
 
-def _load(row: tuple[int, str, str]) -> Record:
-    data = json.loads(row[2])
-    data["spec"] = json.loads(row[1])
+def _load(row: tuple[int, str]) -> Record:
+    data = json.loads(row[1])
     record = Record(**{k: v for k, v in data.items() if k in _FIELDS})
     record.seq = row[0]
     return record

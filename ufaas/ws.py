@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, TypeAd
 from pydantic import ValidationError as PydanticError
 
 from .live import Watcher
-from .service import Conflict, NotFound, QueueFull, Service
-from .tasks import SpecError
+from .scheduler import Conflict, NotFound, QueueFull, Scheduler
+from .spec import SpecError
 
 log = logging.getLogger("ufaas")
 
@@ -83,14 +83,14 @@ def parse(raw: str | bytes) -> RunMessage | WatchMessage | StdinMessage | Cancel
         raise ValueError(f"bad {data['op']} message: {problems}") from None
 
 
-async def serve_socket(service: Service, receive: Callable[[], Awaitable[str | bytes]],
+async def serve_socket(scheduler: Scheduler, receive: Callable[[], Awaitable[str | bytes]],
                        send: Callable[[str], Awaitable[None]]) -> None:
     """Serve one WebSocket client until it goes away (the caller cancels us then).
 
     The functions this client created get their stdin's end-of-file when it goes. A
     client that sends stdin faster than its function reads it is itself read more slowly.
     """
-    watcher = service.subscribe()
+    watcher = scheduler.hub.subscribe()
     created: set[str] = set()
     try:
         async with trio.open_nursery() as nursery:
@@ -104,11 +104,11 @@ async def serve_socket(service: Service, receive: Callable[[], Awaitable[str | b
                 except ValueError as exc:
                     watcher.reply([error_event(str(exc))])
                     continue
-                await _handle(service, watcher, nursery, created, message)
+                await _handle(scheduler, watcher, nursery, created, message)
     finally:
-        service.unsubscribe(watcher)
+        scheduler.hub.unsubscribe(watcher)
         for fid in created:
-            service.close_stdin(fid)
+            scheduler.close_stdin(fid)
 
 
 async def _send_events(watcher: Watcher, send: Callable[[str], Awaitable[None]]) -> None:
@@ -117,23 +117,24 @@ async def _send_events(watcher: Watcher, send: Callable[[str], Awaitable[None]])
             await send(json.dumps(event))
 
 
-async def _handle(service: Service, watcher: Watcher, nursery: trio.Nursery, created: set[str],
-            message: RunMessage | WatchMessage | StdinMessage | CancelMessage) -> None:
+async def _handle(scheduler: Scheduler, watcher: Watcher, nursery: trio.Nursery,
+                  created: set[str],
+                  message: RunMessage | WatchMessage | StdinMessage | CancelMessage) -> None:
     try:
         if isinstance(message, RunMessage):
-            record = service.create(message.spec, after=message.after, strict=message.strict,
-                                    interactive=True)
-            created.difference_update([f for f in created if not service.is_active(f)])
-            created.add(record.id)
+            function = scheduler.submit(message.spec, after=message.after,
+                                        strict=message.strict, interactive=True)
+            created.difference_update([f for f in created if not scheduler.is_active(f)])
+            created.add(function.id)
             # Created and followed in one step: not one event can slip between.
-            watcher.reply([{"event": "created", "id": record.id},
-                           *service.watch(record.id, watcher)])
+            watcher.reply([{"event": "created", "id": function.id},
+                           *scheduler.watch(function.id, watcher)])
         elif isinstance(message, WatchMessage):
-            watcher.reply(service.watch(message.id, watcher))
+            watcher.reply(scheduler.watch(message.id, watcher))
         elif isinstance(message, StdinMessage):
-            await service.feed(message.id, message.data.encode(), message.eof)
+            await scheduler.feed(message.id, message.data.encode(), message.eof)
         else:
-            nursery.start_soon(_cancel, service, watcher, message.id)
+            nursery.start_soon(_cancel, scheduler, watcher, message.id)
     except SpecError as exc:
         watcher.reply([error_event(exc.message, detail=exc.errors)])
     except (NotFound, Conflict, QueueFull) as exc:
@@ -141,10 +142,10 @@ async def _handle(service: Service, watcher: Watcher, nursery: trio.Nursery, cre
         watcher.reply([error_event(str(exc), fid)])
 
 
-async def _cancel(service: Service, watcher: Watcher, fid: str) -> None:
+async def _cancel(scheduler: Scheduler, watcher: Watcher, fid: str) -> None:
     following = watcher.follows(fid)  # a follower learns the outcome from its live events
     try:
-        record = await service.cancel(fid)
+        record = await scheduler.cancel(fid)
     except NotFound as exc:
         watcher.reply([error_event(str(exc), fid)])
         return

@@ -1,18 +1,21 @@
-"""The task spec: the JSON body of ``POST /fn`` and ``PUT /fn/{id}``, validated at the API edge.
+"""The function spec: the JSON body of ``POST /fn`` and ``PUT /fn/{id}``, validated at the edge.
 
-Owns the rules a submitted spec must meet and turns its embedded resources into pool files;
-URL resources are fetched by :mod:`ufaas.fetch` and become files via :func:`resource_file`.
+Owns the rules a spec must meet, the lean summary that records show instead of the content,
+and the pool files its embedded resources become. URL resources are fetched by
+:mod:`ufaas.fetch` and become files when their content arrives.
 """
 
 from __future__ import annotations
 
 import binascii
 import hashlib
+import json
 import math
 import re
-from base64 import b64decode
+from base64 import b64decode, b64encode
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -30,15 +33,16 @@ from pydantic import (
     model_validator,
 )
 
-from pool import BadFile, File, check_files, check_path
+from pool import BadFile, File, check_path, check_tree
 
 from .fetch import url_problem
 
-MiB = 1 << 20
 DEFAULT_MODE = 0o644
 MAX_IMAGE_CHARS = 256
 MAX_URL_CHARS = 2048
 MAX_ENV_ENTRIES = 256
+# A refusal lists at most this many problems, then says how many more there were.
+MAX_ERRORS = 20
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OCTAL_MODE = re.compile(r"(0o?)?[0-7]{1,3}")
@@ -56,20 +60,34 @@ _MESSAGES = {
 
 @dataclass(frozen=True)
 class Limits:
-    """Service-wide limits on a spec, passed to validation as its context."""
+    """Service-wide limits on a spec, given to validation as its context (see Config).
 
-    max_timeout: float = 300.0
-    default_timeout: float = 30.0
-    max_resources: int = 256
-    max_file_bytes: int = 8 * MiB
-    max_total_bytes: int = 32 * MiB
+    ``url_refusal`` says why the address policy refuses a URL on sight, or None.
+    """
+
+    max_timeout: float
+    default_timeout: float
+    max_resources: int
+    max_file_bytes: int
+    max_total_bytes: int
+    url_refusal: Callable[[str], str | None] = lambda url: None
+
+
+class BadJSON(ValueError):
+    """The body is not JSON at all."""
 
 
 class SpecError(Exception):
-    """A refused spec: ``errors`` holds ``{"field", "message"}`` items; ``message`` the first."""
+    """A refused spec: ``errors`` holds ``{"field", "message"}`` items; ``message`` the first.
 
-    def __init__(self, errors: list[dict[str, str]]) -> None:
-        self.errors = errors
+    At most MAX_ERRORS items are kept; the last one then says how many more there were.
+    """
+
+    def __init__(self, errors: list[dict[str, str]], more: int = 0) -> None:
+        self.errors = errors[:MAX_ERRORS]
+        more += len(errors) - len(self.errors)
+        if more:
+            self.errors.append({"field": "spec", "message": f"and {more} more problems"})
         first = errors[0] if errors else {"field": "spec", "message": "invalid spec"}
         self.message = f"{first['field']}: {first['message']}"
         super().__init__(self.message)
@@ -77,7 +95,8 @@ class SpecError(Exception):
     @classmethod
     def from_validation_error(cls, exc: ValidationError) -> SpecError:
         errors = []
-        for err in exc.errors(include_url=False):
+        # Only the first few are converted: a body can hold thousands of problems.
+        for err in exc.errors(include_url=False, include_input=False)[:MAX_ERRORS]:
             field = ".".join(str(part) for part in err["loc"]) or "spec"
             cause = (err.get("ctx") or {}).get("error")
             # Our own ValueErrors carry the whole message; pydantic would prefix "Value error, ".
@@ -85,11 +104,13 @@ class SpecError(Exception):
             if err["type"] == "value_error" and cause:
                 message = str(cause)
             errors.append({"field": field, "message": message})
-        return cls(errors)
+        return cls(errors, more=exc.error_count() - len(errors))
 
 
 def _limits(info: ValidationInfo) -> Limits:
-    return info.context if isinstance(info.context, Limits) else Limits()
+    if not isinstance(info.context, Limits):
+        raise TypeError("a spec is validated with its Limits as the context")
+    return info.context
 
 
 def _utf8(value: str) -> str:
@@ -132,7 +153,7 @@ def _check_command(value: object) -> str | list[str]:
             _no_nul(arg)
         except ValueError as exc:
             raise ValueError(f"argument {i} {exc}") from None
-    return list(value)
+    return value
 
 
 def _check_timeout(value: object, info: ValidationInfo) -> float:
@@ -182,16 +203,25 @@ def _check_path(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
-class _Base64(str):
-    """A validated base64 string that keeps its decoded bytes: decoding 64 KiB costs
-    ~0.4 ms here, and the content is needed again when the function runs."""
+def _decode_base64(value: object, info: ValidationInfo) -> object:
+    """The decoded bytes of a base64 string: decoded once, here, and kept only as bytes."""
+    if value is None or not isinstance(value, str):
+        return value  # None is "not given"; anything else fails the bytes check below
+    limit = _limits(info).max_file_bytes
+    too_big = ValueError(f"more than {limit} bytes once decoded")
+    if len(value) > (limit + 2) // 3 * 4:
+        raise too_big  # without decoding it
+    try:
+        data = b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
+    if len(data) > limit:
+        raise too_big
+    return data
 
-    decoded: bytes
 
-
-def _base64_size(value: str) -> int:
-    # Exact for strictly valid base64: no whitespace, length a multiple of 4.
-    return len(value) // 4 * 3 - len(value) + len(value.rstrip("="))
+def _base64_text(data: bytes) -> str:
+    return b64encode(data).decode()
 
 
 Image = Annotated[
@@ -205,6 +235,7 @@ Env = Annotated[
     dict[StrictStr, Arg], Field(max_length=MAX_ENV_ENTRIES), AfterValidator(_check_env)
 ]
 Mode = Annotated[int, PlainValidator(_check_mode), PlainSerializer(lambda m: f"{m:04o}")]
+Base64 = Annotated[bytes, BeforeValidator(_decode_base64), PlainSerializer(_base64_text)]
 
 
 class Resource(BaseModel):
@@ -214,7 +245,8 @@ class Resource(BaseModel):
 
     path: Annotated[StrictStr, AfterValidator(_check_path)]
     text: StrictStr | None = None
-    base64: StrictStr | None = None
+    base64: Base64 | None = Field(None, json_schema_extra={"type": "string",
+                                                            "contentEncoding": "base64"})
     url: StrictStr | None = None
     sha256: StrictStr | None = None
     mode: Mode = DEFAULT_MODE
@@ -230,28 +262,9 @@ class Resource(BaseModel):
             raise ValueError(f"more than {limit} bytes")
         return value
 
-    @field_validator("base64")
-    @classmethod
-    def _base64(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        limit = _limits(info).max_file_bytes
-        too_big = ValueError(f"more than {limit} bytes once decoded")
-        if len(value) > (limit + 2) // 3 * 4:
-            raise too_big  # without decoding it
-        try:
-            data = b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("not valid base64") from None
-        if len(data) > limit:
-            raise too_big
-        checked = _Base64(value)
-        checked.decoded = data
-        return checked
-
     @field_validator("url")
     @classmethod
-    def _url(cls, value: str | None) -> str | None:
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         _no_nul(value)
@@ -259,7 +272,7 @@ class Resource(BaseModel):
             raise ValueError(f"longer than {MAX_URL_CHARS} characters")
         if any(c.isspace() or ord(c) < 0x20 for c in value):
             raise ValueError(f"{value!r}: contains whitespace or control characters")
-        problem = url_problem(value)
+        problem = url_problem(value) or _limits(info).url_refusal(value)
         if problem is not None:
             raise ValueError(f"{value!r}: {problem}")
         return value
@@ -272,7 +285,7 @@ class Resource(BaseModel):
         if not _SHA256.fullmatch(value):
             raise ValueError("must be 64 hexadecimal digits")
         value = value.lower()
-        data = _embedded_data(info.data.get("text"), info.data.get("base64"))
+        data = _content(info.data.get("text"), info.data.get("base64"))
         if data is not None and hashlib.sha256(data).hexdigest() != value:
             raise ValueError("does not match the content")
         return value
@@ -285,27 +298,37 @@ class Resource(BaseModel):
             raise ValueError(f"give exactly one of text, base64 or url (got {got})")
         return self
 
+    @property
+    def kind(self) -> str:
+        return "text" if self.text is not None else "base64" if self.base64 is not None \
+            else "url"
+
+    def data(self) -> bytes | None:
+        """The content of an embedded resource; None for a URL, which must be fetched."""
+        return _content(self.text, self.base64)
+
     def size(self) -> int | None:
         """The size in bytes of an embedded resource; None for a URL."""
         if self.text is not None:
             return len(self.text.encode("utf-8"))
-        if self.base64 is not None:
-            return _base64_size(self.base64)
-        return None
+        return None if self.base64 is None else len(self.base64)
 
-    def data(self) -> bytes | None:
-        """The content of an embedded resource; None for a URL, which must be fetched."""
-        return _embedded_data(self.text, self.base64)
+    def describe(self) -> dict[str, Any]:
+        """The resource as a record shows it: everything but the content."""
+        data = self.data()
+        described: dict[str, Any] = {
+            "path": self.path, "kind": self.kind, "mode": f"{self.mode:04o}",
+            "size": None if data is None else len(data),
+            "sha256": self.sha256 or (hashlib.sha256(data).hexdigest() if data is not None
+                                      else None),
+        }
+        if self.url is not None:
+            described["url"] = self.url
+        return described
 
 
-def _embedded_data(text: str | None, base64: str | None) -> bytes | None:
-    if text is not None:
-        return text.encode("utf-8")
-    if isinstance(base64, _Base64):
-        return base64.decoded
-    if base64 is not None:
-        return b64decode(base64, validate=True)
-    return None
+def _content(text: str | None, data: bytes | None) -> bytes | None:
+    return text.encode("utf-8") if text is not None else data
 
 
 def _check_resource_set(value: list[Resource], info: ValidationInfo) -> list[Resource]:
@@ -314,7 +337,7 @@ def _check_resource_set(value: list[Resource], info: ValidationInfo) -> list[Res
     if total > limit:
         raise ValueError(f"{total} bytes of embedded content: at most {limit} are allowed")
     try:
-        check_files([File(r.path, b"", r.mode) for r in value])
+        check_tree([r.path for r in value])  # each path was checked on its own already
     except BadFile as exc:
         raise ValueError(str(exc)) from None
     return value
@@ -325,13 +348,14 @@ Resources = Annotated[
 ]
 
 
-class TaskSpec(BaseModel):
+class Spec(BaseModel):
     """A function: what to run, in which image, with which files. ``timeout`` is resolved."""
 
     model_config = ConfigDict(extra="forbid")
 
     image: Image | None = None
-    command: Command
+    command: Command = Field(json_schema_extra={
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]})
     resources: Resources = Field(default_factory=list)
     env: Env = Field(default_factory=dict)
     stdin: Text | None = None
@@ -344,58 +368,74 @@ class TaskSpec(BaseModel):
             return ["/bin/sh", "-c", self.command]
         return list(self.command)
 
+    def files(self) -> list[File]:
+        """The files given inline (``text`` or ``base64``), ready for a pool job."""
+        files = []
+        for resource in self.resources:
+            data = resource.data()
+            if data is not None:
+                files.append(File(resource.path, data, resource.mode))
+        return files
 
-class SpecUpdate(BaseModel):
-    """The body of ``PUT``: fields given replace the old ones; ``null`` resets to the default."""
+    def summary(self) -> dict[str, Any]:
+        """The spec as records show it: each resource and the stdin described by size and
+        sha256 instead of their content, so an answer stays small whatever was sent."""
+        summary: dict[str, Any] = {
+            "image": self.image, "command": self.command, "env": self.env,
+            "timeout": self.timeout, "network": self.network,
+            "resources": [r.describe() for r in self.resources],
+        }
+        if self.stdin is not None:
+            data = self.stdin.encode("utf-8")
+            summary["stdin"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return summary
 
-    model_config = ConfigDict(extra="forbid")
 
-    image: Image | None = None
-    command: Command | None = None
-    resources: Resources | None = None
-    env: Env | None = None
-    stdin: Text | None = None
-    timeout: Timeout | None = None
-    network: StrictBool | None = None
-
-
-def parse_spec(data: object, limits: Limits) -> TaskSpec:
-    """Validate a decoded JSON body as a full spec; raise SpecError naming the bad fields."""
+def decode(body: bytes | str) -> Any:
+    """The JSON value of a request body; raise BadJSON naming the problem."""
+    if not body:
+        raise BadJSON("request body is empty: send a JSON object")
     try:
-        return TaskSpec.model_validate(data, context=limits)
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadJSON(f"malformed JSON: {exc}") from None
+
+
+def parse_spec(data: object, limits: Limits) -> Spec:
+    """Validate a decoded JSON body as a whole spec; raise SpecError naming the bad fields."""
+    try:
+        return Spec.model_validate(data, context=limits)
     except ValidationError as exc:
         raise SpecError.from_validation_error(exc) from None
 
 
-def parse_update(data: object, limits: Limits) -> SpecUpdate:
-    """Validate a decoded JSON body as a partial spec for ``PUT``; raise SpecError."""
-    try:
-        return SpecUpdate.model_validate(data, context=limits)
-    except ValidationError as exc:
-        raise SpecError.from_validation_error(exc) from None
-
-
-def merge(spec: TaskSpec, update: SpecUpdate, limits: Limits) -> TaskSpec:
-    """The spec with the update's given fields replacing its own, validated again as a whole."""
-    data = spec.model_dump(mode="json", exclude_none=True)
-    for name, value in update.model_dump(mode="json", include=update.model_fields_set).items():
+def merge(spec: dict[str, Any], update: object, limits: Limits) -> tuple[Spec, dict[str, Any]]:
+    """A stored spec with the fields an update gives replacing its own (``null`` resets one
+    to its default), validated once as a whole: the new spec and its JSON form."""
+    if not isinstance(update, dict):
+        raise SpecError([{"field": "spec", "message": _MESSAGES["model_type"]}])
+    merged = dict(spec)
+    for name, value in update.items():
         if value is None:
-            data.pop(name, None)
+            merged.pop(name, None)
         else:
-            data[name] = value
-    return parse_spec(data, limits)
-
-
-def embedded_files(spec: TaskSpec) -> list[File]:
-    """The files given inline (``text`` or ``base64``), ready for a pool job."""
-    files = []
-    for resource in spec.resources:
-        data = resource.data()
-        if data is not None:
-            files.append(File(resource.path, data, resource.mode))
-    return files
+            merged[name] = value
+    return parse_spec(merged, limits), merged
 
 
 def resource_file(resource: Resource, data: bytes) -> File:
     """The file for a URL resource once its content has been fetched."""
     return File(resource.path, data, resource.mode)
+
+
+# Stored specs were valid when they were accepted: only the limits of today could refuse them.
+_NO_LIMITS = Limits(max_timeout=math.inf, default_timeout=0.0, max_resources=1 << 30,
+                    max_file_bytes=1 << 62, max_total_bytes=1 << 62)
+
+
+def summarize(data: dict[str, Any]) -> dict[str, Any]:
+    """The record summary of a stored spec (to migrate records made before summaries)."""
+    try:
+        return parse_spec(data, _NO_LIMITS).summary()
+    except SpecError:
+        return {"image": data.get("image"), "command": data.get("command")}

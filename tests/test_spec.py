@@ -1,26 +1,23 @@
-"""The task spec: what a valid body turns into, and which field each invalid one is blamed on."""
+"""The spec: what a valid body turns into, its summary, and which field each invalid one is
+blamed on."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
-import json
 
 import pytest
 
 from pool import File
-from ufaas.tasks import (
-    Limits,
-    SpecError,
-    TaskSpec,
-    embedded_files,
-    merge,
-    parse_spec,
-    parse_update,
-    resource_file,
-)
+from ufaas.config import Config
+from ufaas.spec import MAX_ERRORS, Limits, Spec, SpecError, merge, parse_spec, resource_file
 
-LIMITS = Limits()
+LIMITS = Config(db=":memory:").limits()
+
+
+def limits(**changes) -> Limits:
+    return dataclasses.replace(LIMITS, **changes)
 
 
 def example() -> dict:
@@ -60,7 +57,7 @@ def test_example_spec():
     assert spec.network is False
     assert [r.mode for r in spec.resources] == [0o644, 0o644, 0o644, 0o755]
     assert spec.resources[2].sha256 == "ab" * 32  # normalised to lower case
-    assert embedded_files(spec) == [
+    assert spec.files() == [
         File("main.py", b"print(open('data.bin','rb').read())"),
         File("data.bin", b"\x00\x01\x02"),
         File("run.sh", b"echo hi", 0o755),
@@ -70,10 +67,30 @@ def test_example_spec():
     assert resource_file(url_resource, b"x = 1\n") == File("lib/tool.py", b"x = 1\n")
 
 
-def test_stored_form_round_trips():
+def test_summary_describes_content_without_it():
+    summary = parse_spec(example(), LIMITS).summary()
+    assert summary["resources"] == [
+        {"path": "main.py", "kind": "text", "mode": "0644", "size": 35,
+         "sha256": sha(b"print(open('data.bin','rb').read())")},
+        {"path": "data.bin", "kind": "base64", "mode": "0644", "size": 3,
+         "sha256": sha(b"\x00\x01\x02")},
+        {"path": "lib/tool.py", "kind": "url", "mode": "0644", "size": None,
+         "sha256": "ab" * 32, "url": "https://example.org/tool.py"},
+        {"path": "run.sh", "kind": "text", "mode": "0755", "size": 7, "sha256": sha(b"echo hi")},
+    ]
+    assert summary["stdin"] == {"size": 13, "sha256": sha(b"optional text")}
+    assert {k: summary[k] for k in ("image", "command", "env", "timeout", "network")} == {
+        "image": "python:3.12-slim", "command": ["python3", "main.py"],
+        "env": {"NAME": "value"}, "timeout": 30.0, "network": False}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_base64_is_kept_decoded_only():
     spec = parse_spec(example(), LIMITS)
-    stored = json.dumps(spec.model_dump(mode="json", exclude_none=True))
-    assert parse_spec(json.loads(stored), LIMITS) == spec
+    assert spec.resources[1].base64 == b"\x00\x01\x02"
 
 
 def test_string_command_runs_under_sh():
@@ -84,7 +101,7 @@ def test_string_command_runs_under_sh():
 
 
 def test_defaults_come_from_limits():
-    spec = parse_spec({"command": "true"}, Limits(default_timeout=7.0))
+    spec = parse_spec({"command": "true"}, limits(default_timeout=7.0))
     assert spec.timeout == 7.0
     assert parse_spec({"command": "true", "timeout": 0.5}, LIMITS).timeout == 0.5
 
@@ -217,27 +234,35 @@ def test_conflicting_paths(resources):
 
 
 def test_too_many_resources():
-    limits = Limits(max_resources=3)
-    parse_spec(with_resources(*({"path": f"f{i}", "text": ""} for i in range(3))), limits)
-    err = refused(with_resources(*({"path": f"f{i}", "text": ""} for i in range(4))), limits)
+    few = limits(max_resources=3)
+    parse_spec(with_resources(*({"path": f"f{i}", "text": ""} for i in range(3))), few)
+    err = refused(with_resources(*({"path": f"f{i}", "text": ""} for i in range(4))), few)
     assert err.errors[0]["field"] == "resources"
     assert "at most 3" in err.message
 
 
 def test_oversized_resources():
-    limits = Limits(max_file_bytes=10, max_total_bytes=25)
-    parse_spec(with_resources({"path": "a", "text": "x" * 10}), limits)
-    err = refused(with_resources({"path": "a", "text": "x" * 11}), limits)
+    small = limits(max_file_bytes=10, max_total_bytes=25)
+    parse_spec(with_resources({"path": "a", "text": "x" * 10}), small)
+    err = refused(with_resources({"path": "a", "text": "x" * 11}), small)
     assert err.errors[0]["field"] == "resources.0.text"
-    err = refused(with_resources({"path": "a", "text": "é" * 6}), limits)  # 12 bytes in UTF-8
+    err = refused(with_resources({"path": "a", "text": "é" * 6}), small)  # 12 bytes in UTF-8
     assert err.errors[0]["field"] == "resources.0.text"
     ten, eleven = (base64.b64encode(b"x" * n).decode() for n in (10, 11))
-    parse_spec(with_resources({"path": "a", "base64": ten}), limits)
-    err = refused(with_resources({"path": "a", "base64": eleven}), limits)
+    parse_spec(with_resources({"path": "a", "base64": ten}), small)
+    err = refused(with_resources({"path": "a", "base64": eleven}), small)
     assert err.errors[0]["field"] == "resources.0.base64"
     three = [{"path": f"f{i}", "text": "x" * 9} for i in range(3)]
-    err = refused(with_resources(*three), limits)
+    err = refused(with_resources(*three), small)
     assert err.errors[0]["field"] == "resources"
+
+
+def test_path_lengths_are_counted_in_bytes():
+    parse_spec(with_resources({"path": "é" * 127, "text": ""}), LIMITS)  # 254 bytes
+    err = refused(with_resources({"path": "é" * 128, "text": ""}))  # 256 bytes
+    assert err.errors[0]["field"] == "resources.0.path" and "bytes" in err.message
+    err = refused(with_resources({"path": "/".join(["é" * 100] * 6), "text": ""}))
+    assert err.errors[0]["field"] == "resources.0.path"
 
 
 def test_every_error_is_listed():
@@ -245,23 +270,36 @@ def test_every_error_is_listed():
     assert [e["field"] for e in err.errors] == ["command", "resources.0.path", "timeout"]
 
 
+def test_errors_are_capped_with_a_count():
+    err = refused({"command": "true", **{f"k{i}": 1 for i in range(500)}})
+    assert len(err.errors) == MAX_ERRORS + 1
+    assert err.errors[:2] == [{"field": "k0", "message": "unknown field"},
+                              {"field": "k1", "message": "unknown field"}]
+    assert err.errors[-1] == {"field": "spec", "message": f"and {500 - MAX_ERRORS} more problems"}
+
+
+def stored() -> dict:
+    """A spec as the store keeps it: the JSON as sent."""
+    return example()
+
+
 def test_merge_replaces_given_fields():
     spec = parse_spec(example(), LIMITS)
-    update = parse_update({"command": "ls", "env": {"B": "2"}, "timeout": 5}, LIMITS)
-    merged = merge(spec, update, LIMITS)
-    assert isinstance(merged, TaskSpec)
+    merged, data = merge(stored(), {"command": "ls", "env": {"B": "2"}, "timeout": 5}, LIMITS)
+    assert isinstance(merged, Spec)
     assert merged.argv() == ["/bin/sh", "-c", "ls"]
     assert merged.env == {"B": "2"}
     assert merged.timeout == 5.0
     assert merged.image == spec.image
     assert merged.resources == spec.resources
     assert merged.stdin == spec.stdin
+    assert data == {**example(), "command": "ls", "env": {"B": "2"}, "timeout": 5}
 
 
 def test_merge_null_resets_to_default():
     spec = parse_spec(example(), LIMITS)
-    update = parse_update({"stdin": None, "timeout": None, "resources": None}, LIMITS)
-    merged = merge(spec, update, Limits(default_timeout=9.0))
+    merged, _ = merge(stored(), {"stdin": None, "timeout": None, "resources": None},
+                      limits(default_timeout=9.0))
     assert merged.stdin is None
     assert merged.timeout == 9.0
     assert merged.resources == []
@@ -269,29 +307,23 @@ def test_merge_null_resets_to_default():
 
 
 def test_merge_empty_update_keeps_spec():
-    spec = parse_spec(example(), LIMITS)
-    assert merge(spec, parse_update({}, LIMITS), LIMITS) == spec
+    assert merge(stored(), {}, LIMITS)[0] == parse_spec(example(), LIMITS)
 
 
 def test_update_is_validated():
-    with pytest.raises(SpecError) as info:
-        parse_update({"timeout": -1}, LIMITS)
-    assert info.value.errors[0]["field"] == "timeout"
-    with pytest.raises(SpecError) as info:
-        parse_update({"resources": [{"path": "../x", "text": ""}]}, LIMITS)
-    assert info.value.errors[0]["field"] == "resources.0.path"
-    with pytest.raises(SpecError) as info:
-        parse_update({"bogus": 1}, LIMITS)
-    assert info.value.errors[0]["field"] == "bogus"
+    for update, field in (({"timeout": -1}, "timeout"),
+                          ({"resources": [{"path": "../x", "text": ""}]}, "resources.0.path"),
+                          ({"bogus": 1}, "bogus"), ([], "spec")):
+        with pytest.raises(SpecError) as info:
+            merge(stored(), update, LIMITS)
+        assert info.value.errors[0]["field"] == field
 
 
 def test_merge_revalidates_the_whole():
-    spec = parse_spec(example(), LIMITS)
-    update = parse_update({"command": None}, LIMITS)
     with pytest.raises(SpecError) as info:
-        merge(spec, update, LIMITS)
+        merge(stored(), {"command": None}, LIMITS)
     assert info.value.errors[0]["field"] == "command"
     # Tighter limits apply to the fields that were kept as well.
     with pytest.raises(SpecError) as info:
-        merge(spec, parse_update({}, LIMITS), Limits(max_resources=2))
+        merge(stored(), {}, limits(max_resources=2))
     assert info.value.errors[0]["field"] == "resources"

@@ -1,0 +1,202 @@
+"""One function from its acceptance to its end.
+
+A :class:`Function` owns its record and every change to it (each one saved as it happens),
+the one copy of its output (a :class:`~ufaas.live.Transcript`), its live stdin and its cancel
+scope. :meth:`Function.run` is its whole life: wait for a container, run, record the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from pool import Job, Lease, PoolError, Result
+
+from .fetch import FetchError
+from .live import Event, Hub, StdinPipe, Transcript
+from .spec import Spec
+from .store import Record, Store
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+log = logging.getLogger("ufaas")
+
+SHUTDOWN = "cancelled by server shutdown"
+OOM = "out of memory: the function went past its memory limit"
+
+
+class Function:
+    """A function the server has accepted and not yet finished.
+
+    ``spec`` is the validated spec while it is at hand; when None it is read back from the
+    store as the function starts. ``dequeued`` is called once, when the function stops
+    being pending (it started, or it ended without starting).
+    """
+
+    def __init__(self, record: Record, store: Store, hub: Hub, *, spec: Spec | None = None,
+                 strict: bool = False, interactive: bool = False,
+                 dequeued: Callable[[], None] = lambda: None) -> None:
+        self.record = record
+        self.spec = spec
+        self.strict = strict
+        self.transcript = Transcript()
+        self.stdin = StdinPipe() if interactive else None
+        self.scope = trio.CancelScope()
+        self.started = trio.Event()  # running, or ended without running
+        self.done = trio.Event()
+        self.changed = trio.Event()  # a PUT gave it a new spec
+        self.requeue: trio.CancelScope | None = None  # cancelled to queue it elsewhere
+        self.cancel_requested = False
+        self.discard = False
+        self._store = store
+        self._hub = hub
+        self._dequeued = dequeued
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def status(self) -> str:
+        return self.record.status
+
+    def snapshot(self) -> Record:
+        """The record as it is now, with the output so far while it runs."""
+        if self.record.status != "running":
+            return self.record
+        return dataclasses.replace(self.record, stdout=self.transcript.text("stdout"),
+                                   stderr=self.transcript.text("stderr"))
+
+    def replay(self) -> list[Event]:
+        """What a watcher that starts following now must first get: status, output so far."""
+        record = self.record
+        # Finished but not yet announced: its final status comes live with its exit.
+        status = record.status if not record.finished else (
+            "running" if record.started_at else "pending")
+        return [{"event": "status", "id": self.id, "status": status},
+                *self.transcript.events(self.id)]
+
+    def change(self, spec: Spec, spec_json: str, *, moved: bool) -> None:
+        """A PUT: the new spec of this pending function, saved; ``moved`` when it now
+        belongs to another pool, where it queues again."""
+        self.record.spec = spec.summary()
+        self._store.replace_spec(self.record, spec_json)
+        self.spec = spec
+        self.changed.set()
+        if moved and self.requeue is not None:
+            self.requeue.cancel()
+
+    def cancel(self, *, remove_container: bool = False) -> None:
+        """Pending: it never starts. Running: it is killed. ``remove_container``: its
+        container goes too."""
+        self.cancel_requested = True
+        self.discard = self.discard or remove_container
+        self.scope.cancel()
+
+    # -- its life ---------------------------------------------------------------------------
+
+    async def run(self, scheduler: Scheduler) -> None:
+        """Run to the end, whatever happens; on cancellation from outside (server
+        shutdown) a running function ends cancelled, a pending one stays pending."""
+        try:
+            with self.scope:
+                await self._run(scheduler)
+            if self.scope.cancelled_caught and not self.record.finished:
+                self._end("cancelled", None if self.cancel_requested else SHUTDOWN)
+        except Exception as exc:  # a bug must end one function, not the server
+            log.exception("function %s failed inside ufaas", self.id)
+            self._end("error", f"internal error: {exc}")
+        finally:
+            if self.record.status == "running":
+                self._end("cancelled", SHUTDOWN)
+            if self.stdin is not None:
+                self.stdin.close()
+            self.spec = None
+            self.started.set()
+            self.done.set()
+            self._hub.publish({"event": "status", "id": self.id, "status": self.status})
+            self._hub.publish(exit_event(self.record))
+
+    async def _run(self, scheduler: Scheduler) -> None:
+        near = await scheduler.place_of(self.record.after) if self.record.after else None
+        while True:
+            # A PUT sets `changed` and, when the function moves to another pool, cancels
+            # `requeue`: whatever it interrupts (a download, the wait for a container), the
+            # function starts over with the spec its record now shows.
+            changed = self.changed = trio.Event()
+            with trio.CancelScope() as self.requeue:
+                spec = self.spec if self.spec is not None else scheduler.load_spec(self.record)
+                try:
+                    files = await scheduler.files(spec)
+                except FetchError as exc:
+                    return self._end("error", str(exc))
+                if changed.is_set():
+                    continue
+                try:
+                    async with scheduler.lease(spec, near, strict=self.strict) as lease:
+                        if changed.is_set():
+                            continue
+                        return await self._execute(lease, spec, files, scheduler)
+                except PoolError as exc:
+                    return self._end("error", str(exc))
+            self.requeue = None
+
+    async def _execute(self, lease: Lease, spec: Spec, files: list, scheduler: Scheduler
+                       ) -> None:
+        record = self.record
+        self._dequeued()
+        record.status = "running"
+        record.started_at = time.time()
+        record.container, record.workdir = lease.place.container, lease.place.workdir
+        record.locality = None if lease.hit is None else ("hit" if lease.hit else "miss")
+        self._store.save(record)
+        self.started.set()
+        self._hub.publish({"event": "status", "id": self.id, "status": "running"})
+        job = Job(spec.argv(), files=files, env=dict(spec.env),
+                  stdin=spec.stdin.encode() if spec.stdin is not None else None,
+                  timeout=spec.timeout, output_cap=scheduler.config.output_cap, id=self.id)
+        try:
+            result = await lease.run(job, self._output, self.stdin)
+        finally:
+            lease.discard = self.discard
+        self._record_result(result)
+
+    def _output(self, fd: int, data: bytes) -> None:
+        for stream, text in self.transcript.add(fd, data):
+            self._hub.publish({"event": stream, "id": self.id, "data": text})
+
+    def _record_result(self, result: Result) -> None:
+        record = self.record
+        record.truncated = result.truncated
+        record.exit_code, record.signal, record.oom = result.exit_code, result.signal, result.oom
+        record.duration_ms = result.duration_ms
+        if result.outcome == "exited":
+            self._end("succeeded" if result.exit_code == 0 else "failed",
+                      OOM if result.oom else None)
+        elif result.outcome == "refused":
+            self._end("error", f"refused: {result.error}")
+        else:
+            self._end(result.outcome, result.error)
+
+    def _end(self, status: str, error: str | None) -> None:
+        record = self.record
+        if record.status == "pending":
+            self._dequeued()
+        for stream, text in self.transcript.close():
+            self._hub.publish({"event": stream, "id": self.id, "data": text})
+        record.stdout = self.transcript.text("stdout")
+        record.stderr = self.transcript.text("stderr")
+        record.status, record.error = status, error
+        record.finished_at = time.time()
+        self._store.save(record)
+
+
+def exit_event(record: Record) -> dict[str, Any]:
+    return {"event": "exit", "id": record.id, "status": record.status,
+            "exit_code": record.exit_code, "signal": record.signal, "error": record.error}

@@ -1,0 +1,342 @@
+"""The functions of one server: accepted here, held by id until they end, and each given a
+container: a warm one of its pool, or the one of the function it follows. No HTTP here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from pool import File, Lease, Place, PoolError, Pools
+
+from .config import Config
+from .fetch import Downloader, FetchError
+from .function import Function, exit_event
+from .live import Event, Hub, StdinClosed, Watcher, output_events
+from .spec import Resource, Spec, SpecError, decode, merge, parse_spec, resource_file
+from .store import ACTIVE, Record, Store
+
+# How long a DELETE waits for its function to be gone before answering.
+CANCEL_WAIT = 5.0
+
+
+class NotFound(Exception):
+    """No function has that id."""
+
+
+class Conflict(Exception):
+    """The request does not fit the function's state (say, PUT once it started)."""
+
+
+class QueueFull(Exception):
+    """Too many functions are pending; try again later."""
+
+
+class QueueTimeout(PoolError):
+    """No container became free in time."""
+
+
+class Scheduler:
+    """Accepts functions, runs each in its own task, and keeps the unfinished ones by id.
+
+    Run it with ``await nursery.start(scheduler.serve)``: configured pools start, functions
+    left pending by an earlier run resume, and cancelling it stops every function (see
+    :meth:`Function.run`).
+    """
+
+    def __init__(self, config: Config, store: Store, pools: Pools, downloader: Downloader,
+                 hub: Hub) -> None:
+        self.config = config
+        self.limits = config.limits()
+        self.store = store
+        self.pools = pools
+        self.downloader = downloader
+        self.hub = hub
+        self._functions: dict[str, Function] = {}
+        self._pending = 0
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[Scheduler] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        async with trio.open_nursery() as nursery:
+            for pc in self.config.pools:
+                await self.pools.add(pc.image, pc.profile(), **pc.sizes(self.config))
+            self._nursery = nursery
+            for record in self.store.recover():
+                self._start(Function(record, self.store, self.hub, dequeued=self._dequeued))
+            task_status.started(self)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    async def drain(self, grace: float) -> None:
+        """Give running functions up to ``grace`` seconds to finish (graceful shutdown)."""
+        with trio.move_on_after(grace):
+            for function in list(self._functions.values()):
+                if function.status == "running":
+                    await function.done.wait()
+
+    # -- requests -------------------------------------------------------------------------
+
+    def submit(self, data: object, *, raw: bytes | None = None, after: str | None = None,
+               strict: bool = False, interactive: bool = False) -> Function:
+        """Validate and queue a function; raise SpecError, NotFound, Conflict, QueueFull.
+
+        ``raw`` is ``data`` as the JSON it was decoded from, stored as sent. A follow-up
+        (``after``) may leave out the image: it takes its predecessor's. An ``interactive``
+        function reads its spec's stdin, then what :meth:`feed` gives it.
+        """
+        predecessor = self.get(after) if after is not None else None
+        if predecessor is not None and isinstance(data, dict) and "image" not in data:
+            data, raw = {**data, "image": predecessor.spec.get("image")}, None
+        spec = _with_image(parse_spec(data, self.limits))
+        if predecessor is not None and strict:
+            self._check_strict(predecessor, spec)
+        if self._pending >= self.config.queue_limit:
+            raise QueueFull(f"{self._pending} functions are pending")
+        record = Record(id=str(uuid.uuid4()), spec=spec.summary(), after=after)
+        self.store.insert(record, raw if raw is not None else json.dumps(data))
+        function = Function(record, self.store, self.hub, spec=spec, strict=strict,
+                            interactive=interactive, dequeued=self._dequeued)
+        self._start(function)
+        return function
+
+    def update(self, fid: str, data: object) -> Record:
+        """PUT: replace the fields ``data`` gives in a pending function's spec."""
+        function = self._functions.get(fid)
+        record = function.record if function is not None else self.get(fid)
+        if function is None or record.status != "pending":
+            raise Conflict(f"function {fid} is {record.status}: only pending ones can change")
+        old = record.spec
+        spec, merged = merge(decode(self.store.spec(fid) or b"{}"), data, self.limits)
+        _with_image(spec)
+        moved = (spec.image, spec.network) != (old.get("image"), old.get("network"))
+        function.change(spec, json.dumps(merged), moved=moved)
+        return function.record
+
+    def get(self, fid: str) -> Record:
+        """The record of ``fid``, with its output so far; raise NotFound."""
+        function = self._functions.get(fid)
+        if function is not None:
+            return function.snapshot()
+        record = self.store.get(fid) if _is_uuid(fid) else None
+        if record is None:
+            raise NotFound(f"no function {fid}")
+        return record
+
+    def full_spec(self, fid: str) -> dict[str, Any]:
+        """The spec of ``fid`` as sent, content included; raise NotFound."""
+        raw = self.store.spec(fid) if _is_uuid(fid) else None
+        if raw is None:
+            raise NotFound(f"no function {fid}")
+        return decode(raw)
+
+    def records(self, status: str | None, limit: int, before: str | None = None
+                ) -> Iterator[Record]:
+        """Records newest first (the active ones, ``all``, or one status), older than
+        ``before`` if given, each as :meth:`get` gives it."""
+        statuses = ACTIVE if status is None else None if status == "all" else (status,)
+        seq = None
+        if before is not None:
+            seq = self.store.seq(before) if _is_uuid(before) else None
+            if seq is None:
+                raise NotFound(f"no function {before}")
+        for record in self.store.records(statuses, limit, seq):
+            function = self._functions.get(record.id)
+            if function is not None:
+                yield function.snapshot()
+            else:
+                yield self.store.with_output(record)
+
+    async def wait(self, fid: str, timeout: float) -> Record:
+        """The record once finished, or as it is after ``timeout`` seconds."""
+        function = self._functions.get(fid)
+        if function is not None:
+            with trio.move_on_after(min(timeout, self.config.max_wait)):
+                await function.done.wait()
+            if function.done.is_set():
+                return function.record
+        return self.get(fid)
+
+    async def cancel(self, fid: str, *, remove_container: bool = False, purge: bool = False
+                     ) -> Record:
+        """Stop a function: pending never starts, running is killed; finished stays."""
+        function = self._functions.get(fid)
+        if function is not None:
+            function.cancel(remove_container=remove_container)
+            with trio.move_on_after(CANCEL_WAIT):
+                await function.done.wait()
+        record = self.get(fid)
+        if remove_container and function is None and record.container:
+            self.pools.discard(record.container)
+        if purge and record.finished:
+            self.store.delete(fid)
+        return record
+
+    def is_active(self, fid: str) -> bool:
+        return fid in self._functions
+
+    async def feed(self, fid: str, data: bytes, eof: bool = False) -> None:
+        """Give an interactive function more stdin, or its end-of-file.
+
+        Waits while a lot of its stdin is still unread (it may not have started yet).
+        Raise NotFound, or Conflict when the function is not interactive, has had its
+        end-of-file or has ended.
+        """
+        function = self._functions.get(fid)
+        if function is None:
+            raise Conflict(f"function {fid} is {self.get(fid).status}: its stdin is closed")
+        if function.stdin is None:
+            raise Conflict(f"function {fid} was not created over a WebSocket: it reads only "
+                           "the stdin of its spec")
+        try:
+            await function.stdin.send(data, eof)
+        except StdinClosed as exc:
+            raise Conflict(f"function {fid}: {exc}") from None
+
+    def close_stdin(self, fid: str) -> None:
+        """End-of-file for an interactive function's stdin, if it is still open."""
+        function = self._functions.get(fid)
+        if function is not None and function.stdin is not None:
+            function.stdin.close()
+
+    def watch(self, fid: str, watcher: Watcher) -> list[Event]:
+        """Follow function ``fid`` (``*``: the status of every function); its replay.
+
+        The replay holds its status and output so far (for a finished function, also its
+        exit); live events follow with nothing missing or doubled, since taking the replay
+        and following happen in one step with no checkpoint. Raise NotFound.
+        """
+        if fid == "*":
+            watcher.follow("*")
+            return [{"event": "status", "id": f.id, "status": f.status}
+                    for f in self._functions.values()]
+        function = self._functions.get(fid)
+        if function is not None:
+            watcher.follow(fid)
+            return function.replay()
+        record = self.get(fid)
+        replay = [{"event": "status", "id": fid, "status": record.status},
+                  *output_events(fid, "stdout", record.stdout),
+                  *output_events(fid, "stderr", record.stderr)]
+        if record.finished:
+            replay.append(exit_event(record))
+        return replay
+
+    # -- running (called by Function.run) ---------------------------------------------------
+
+    def load_spec(self, record: Record) -> Spec:
+        """The spec of a function whose spec is not at hand (resumed after a restart)."""
+        data = self.full_spec(record.id)
+        if isinstance(data, dict) and "image" not in data:
+            data["image"] = record.spec.get("image")
+        return parse_spec(data, self.limits)
+
+    async def files(self, spec: Spec) -> list[File]:
+        """Every file of the spec: the embedded ones, and the URL ones, fetched at once and
+        all within ``queue_timeout`` (each download within ``download_timeout``)."""
+        files = spec.files()
+        urls = [r for r in spec.resources if r.url is not None]
+        fetched: dict[int, bytes] = {}
+        errors: list[FetchError] = []
+
+        async def fetch(i: int, resource: Resource) -> None:
+            try:
+                fetched[i] = await self.downloader.fetch(resource.url or "", resource.sha256)
+            except FetchError as exc:
+                errors.append(exc)
+                nursery.cancel_scope.cancel()  # the function cannot run: stop the others
+
+        with trio.move_on_after(self.config.queue_timeout) as deadline:
+            async with trio.open_nursery() as nursery:
+                for i, resource in enumerate(urls):
+                    nursery.start_soon(fetch, i, resource)
+        if errors:
+            raise errors[0]
+        if deadline.cancelled_caught:
+            raise FetchError(f"the URL resources were not all fetched within "
+                             f"{self.config.queue_timeout:g} s")
+        return files + [resource_file(r, fetched[i]) for i, r in enumerate(urls)]
+
+    @asynccontextmanager
+    async def lease(self, spec: Spec, near: Place | None, *, strict: bool = False
+                    ) -> AsyncIterator[Lease]:
+        """A container of the spec's pool (``near``'s when alive), within ``queue_timeout``;
+        raise PoolError."""
+        pool = await self.pools.add(spec.image or "", self.config.profile_for(
+            spec.image or "", spec.network))
+        # The deadline covers the wait for a container only, not the run in it.
+        with trio.CancelScope(deadline=trio.current_time() + self.config.queue_timeout
+                              ) as waiting:
+            async with pool.lease(near, strict=strict) as lease:
+                waiting.deadline = math.inf
+                yield lease
+        if waiting.cancelled_caught:
+            raise QueueTimeout("no container became free within "
+                               f"{self.config.queue_timeout:g} s")
+
+    async def place_of(self, fid: str) -> Place | None:
+        """Where function ``fid`` ran, waiting while it has not started yet."""
+        function = self._functions.get(fid)
+        if function is not None:
+            with trio.move_on_after(self.config.queue_timeout):
+                await function.started.wait()  # also set when it ends without starting
+        try:
+            record = self.get(fid)
+        except NotFound:
+            return None
+        if record.container and record.workdir:
+            return Place(record.container, record.workdir)
+        return None
+
+    # -- inside ---------------------------------------------------------------------------
+
+    def _start(self, function: Function) -> None:
+        if self._nursery is None:
+            raise RuntimeError("the scheduler is not serving")
+        self._functions[function.id] = function
+        self._pending += 1
+        self._nursery.start_soon(self._run, function)
+        self.hub.publish({"event": "status", "id": function.id, "status": function.status})
+
+    async def _run(self, function: Function) -> None:
+        try:
+            await function.run(self)
+        finally:
+            del self._functions[function.id]
+
+    def _dequeued(self) -> None:
+        self._pending -= 1
+
+    def _check_strict(self, predecessor: Record, spec: Spec) -> None:
+        """``strict``: the follow-up must be able to run in its predecessor's container."""
+        fid = predecessor.id
+        if (spec.image, spec.network) != (predecessor.spec.get("image"),
+                                          predecessor.spec.get("network")):
+            raise Conflict(f"function {fid} ran in another pool ({predecessor.spec.get('image')}"
+                           f", network {predecessor.spec.get('network')}): strict needs its "
+                           "image and network")
+        if not predecessor.container or not self.pools.alive(predecessor.container):
+            raise Conflict(f"the container of function {fid} is gone")
+
+
+def _with_image(spec: Spec) -> Spec:
+    """The spec, if it names an image (optional in a follow-up, which inherits one)."""
+    if spec.image is None:
+        raise SpecError([{"field": "image", "message": "required"}])
+    return spec
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
