@@ -103,9 +103,11 @@ class BenchError(Exception):
 class Server:
     """A ufaas server in a child process, found by the "ufaas ready at URL" line it logs."""
 
-    def __init__(self, config_path: Path, module: list[str] | None = None) -> None:
+    def __init__(self, config_path: Path, module: list[str] | None = None,
+                 tree: Path = ROOT) -> None:
         self.argv = [sys.executable, "-m", *(module or ["ufaas.cli"]),
                      "--config", str(config_path), "--port", "0"]
+        self.tree = tree  # the checkout it runs from: its cwd comes first on sys.path
         self.proc: subprocess.Popen[str] | None = None
         self.spawned_at = 0.0
         self.ready_at = 0.0
@@ -119,7 +121,7 @@ class Server:
         self.spawned_at = time.perf_counter()
         # Its own session: a Ctrl-C at the terminal reaches only the bench, which then stops
         # the server with one SIGTERM (a second signal would kill it before its clean-up).
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.argv, cwd=self.tree, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, bufsize=1, start_new_session=True)
         # Drain its log all along, so that it never blocks on a full pipe.

@@ -11,6 +11,7 @@ from ._pool import (
     DEFAULT_MIN_IDLE,
     Container,
     Lease,
+    LeaseTimeout,
     Pool,
     PoolClosed,
     PoolError,
@@ -35,7 +36,7 @@ from ._types import (
 __all__ = [
     "DEFAULT_CALL_TIMEOUT", "DEFAULT_IDLE_TTL", "DEFAULT_MAX", "DEFAULT_MIN_IDLE",
     "DEFAULT_OUTPUT_CAP", "WORKDIR_ROOT", "BadFile", "Container", "ContainerInfo", "Engine",
-    "EngineError", "File", "ImageMissing", "Job", "Lease", "MiB", "Place", "Pool", "PoolClosed",
-    "PoolError", "PoolStatistics", "Pools", "Profile", "Result", "check_files", "check_path",
-    "check_tree",
+    "EngineError", "File", "ImageMissing", "Job", "Lease", "LeaseTimeout", "MiB", "Place",
+    "Pool", "PoolClosed", "PoolError", "PoolStatistics", "Pools", "Profile", "Result",
+    "check_files", "check_path", "check_tree",
 ]

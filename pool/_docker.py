@@ -278,6 +278,25 @@ async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
     return head, rest
 
 
+class _SendLock:
+    """Keeps one stream's writers from interleaving their bytes. Unlike trio.Lock it takes
+    no checkpoint of its own when free: the send it guards is one, and on this hot path a
+    scheduling round costs tens of microseconds."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiting = trio.lowlevel.ParkingLot()
+
+    async def __aenter__(self) -> None:
+        while self._held:
+            await self._waiting.park()
+        self._held = True
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._held = False
+        self._waiting.unpark()
+
+
 class ExecStream:
     """An exec's stdin (send) and its multiplexed stdout/stderr (receive).
 
@@ -287,7 +306,7 @@ class ExecStream:
     def __init__(self, stream: trio.abc.Stream, buffered: bytes = b"") -> None:
         self._stream = stream
         self._buf = bytearray(buffered)
-        self._send_lock = trio.Lock()
+        self._send_lock = _SendLock()
 
     async def send(self, data: bytes) -> None:
         async with self._send_lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -49,6 +50,10 @@ class PoolError(Exception):
 
 class PoolClosed(PoolError):
     """The pool is shutting down."""
+
+
+class LeaseTimeout(PoolError):
+    """No container became free within the lease's timeout."""
 
 
 @dataclass(eq=False)
@@ -104,10 +109,18 @@ class Lease:
         self.hit = hit
         self.discard = False
         self._ran = False
+        self._released = False
 
     @property
     def place(self) -> Place:
         return Place(self.container.id, self.workdir)
+
+    def release(self) -> None:
+        """Give the container back (or have it replaced when ``discard`` or tainted); only
+        the first call counts. The ``lease()`` block calls it; a claimed lease's holder must."""
+        if not self._released:
+            self._released = True
+            self.pool._release(self.container, discard=self.discard)
 
     async def run(self, job: Job, on_output: OnOutput | None = None,
                   stdin: Stdin | None = None) -> Result:
@@ -257,24 +270,51 @@ class Pool:
     # -- leases ---------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, near: Place | None = None, *, strict: bool = False
-                    ) -> AsyncIterator[Lease]:
+    async def lease(self, near: Place | None = None, *, strict: bool = False,
+                    timeout: float = math.inf) -> AsyncIterator[Lease]:
         """Hold a warm container for one function.
 
         With ``near`` (where an earlier function ran) the lease gets that container when it
         is alive, waiting while it is busy, and reuses its working directory; otherwise
-        any container (``lease.hit`` False), or PoolError when ``strict``. Waits as long as
-        it takes: put a deadline around it.
+        any container (``lease.hit`` False), or PoolError when ``strict``. Waits at most
+        ``timeout`` seconds for a container, then raises LeaseTimeout; the time the block
+        takes once it has one is the caller's.
         """
-        container, hit = await self._acquire(near, strict)
-        workdir = near.workdir if (hit and near is not None) else uuid.uuid4().hex
-        lease = Lease(self, container, workdir, hit)
+        lease = self.claim(near)
+        if lease is None:
+            with trio.move_on_after(timeout) as waiting:
+                lease = await self._acquire(near, strict)
+            if waiting.cancelled_caught:
+                raise LeaseTimeout(f"no container became free within {timeout:g} s")
         try:
             yield lease
         finally:
-            self._release(container, discard=lease.discard)
+            lease.release()
 
-    async def _acquire(self, near: Place | None, strict: bool) -> tuple[Container, bool | None]:
+    def claim(self, near: Place | None = None) -> Lease | None:
+        """A lease at once, without waiting, or None: on ``near``'s container if it is idle
+        (a hit), else on any idle container when no ``near`` is given. Whoever claims it
+        must ``release()`` it; when this gives None, ``lease()`` knows what to do."""
+        if self._closed:
+            return None
+        if near is not None:
+            c = self._containers.get(near.container)
+            if (c is not None and c.state == "idle" and c.runner.alive
+                    and near.workdir in c.workdirs):
+                self._take(c)
+                return Lease(self, c, near.workdir, True)
+            return None
+        while self._idle and not self._idle[-1].runner.alive:
+            self._retire(self._idle[-1])
+        if not self._idle:
+            return None
+        c = self._idle.pop()  # the most recently used: its caches are warmest
+        self._take(c)
+        return Lease(self, c, uuid.uuid4().hex, None)
+
+    async def _acquire(self, near: Place | None, strict: bool) -> Lease:
+        """A lease when :meth:`claim` had none to give: wait for ``near``'s busy container,
+        or for any container."""
         if self._closed:
             raise PoolClosed("pool is shutting down")
         if near is not None:
@@ -282,27 +322,23 @@ class Pool:
             if c is not None and not c.runner.alive:
                 self._retire(c)
             elif c is not None and c.state != "dead" and near.workdir in c.workdirs:
-                if c.state == "idle":
-                    self._take(c)
-                    return c, True
                 got = await self._wait(c.waiters)
                 if got is c:
-                    return c, True
+                    return Lease(self, c, near.workdir, True)
                 if got is not None:  # pragma: no cover - only the named container is handed
                     self._release(got)
             if strict:
                 raise PoolError("the container of that function is gone")
-        while self._idle and not self._idle[-1].runner.alive:
-            self._retire(self._idle[-1])
-        if self._idle:
-            c = self._idle.pop()  # the most recently used: its caches are warmest
-            self._take(c)
-        else:
+        lease = self.claim()
+        if lease is None:
             self._wake.set()
             c = await self._wait(self._waiters)
             if c is None:
                 raise PoolError("no container available")
-        return c, (False if near is not None else None)
+            lease = Lease(self, c, uuid.uuid4().hex, None)
+        if near is not None:
+            lease.hit = False
+        return lease
 
     async def _wait(self, queue: collections.deque[_Waiter]) -> Container | None:
         w = _Waiter()
@@ -326,7 +362,8 @@ class Pool:
         c.uses += 1
         if c in self._idle:
             self._idle.remove(c)
-        self._wake.set()
+        if self._deficit() > 0:  # else the filler has nothing to do: let it sleep
+            self._wake.set()
 
     def _release(self, c: Container, *, discard: bool = False) -> None:
         runner = c.runner

@@ -211,12 +211,15 @@ class AgentRunner:
         self.drops = []
         try:
             await self._send(header, body)
-            async with trio.open_nursery() as nursery:
-                if stdin is not None:
-                    nursery.start_soon(self._forward_stdin, rid, stdin)
+            if stdin is None:
                 with trio.move_on_after(job.timeout + KILL_GRACE):
                     await run.done.wait()
-                nursery.cancel_scope.cancel()
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._forward_stdin, rid, stdin)
+                    with trio.move_on_after(job.timeout + KILL_GRACE):
+                        await run.done.wait()
+                    nursery.cancel_scope.cancel()
             if not run.done.is_set():
                 # The agent should have killed it at the deadline; ask once more.
                 with trio.CancelScope(shield=True):

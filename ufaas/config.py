@@ -141,13 +141,10 @@ class Config(BaseModel):
                       max_total_bytes=self.max_total_bytes,
                       url_refusal=AddressPolicy(self.fetch_allow).check_literal)
 
-    def profile_for(self, image: str, network: bool) -> Profile:
-        """The container profile of a function's pool: a configured pool's, else the
-        default with the function's network setting."""
-        for pc in self.pools:
-            if pc.image == image and pc.network == network:
-                return pc.profile()
-        return Profile(network=network)
+    def profiles(self) -> dict[tuple[str, bool], Profile]:
+        """The container profile of each configured pool, by image and network; any other
+        pool has the default profile with its network setting."""
+        return {(pc.image, pc.network): pc.profile() for pc in reversed(self.pools)}
 
     @classmethod
     def load(cls, path: str | Path | None = None, environ: dict[str, str] | None = None,

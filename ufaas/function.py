@@ -40,10 +40,11 @@ class Function:
     """
 
     def __init__(self, record: Record, store: Store, hub: Hub, *, spec: Spec | None = None,
-                 strict: bool = False, interactive: bool = False,
+                 strict: bool = False, interactive: bool = False, lease: Lease | None = None,
                  dequeued: Callable[[], None] = lambda: None) -> None:
         self.record = record
         self.spec = spec
+        self._lease = lease  # claimed when it was accepted (see started_in)
         self.strict = strict
         self.transcript = Transcript()
         self.stdin = StdinPipe() if interactive else None
@@ -57,6 +58,14 @@ class Function:
         self._store = store
         self._hub = hub
         self._dequeued = dequeued
+
+    @staticmethod
+    def started_in(record: Record, lease: Lease) -> None:
+        """Fill in a new record as running in ``lease``, before it is first saved."""
+        record.status = "running"
+        record.started_at = time.time()
+        record.container, record.workdir = lease.place.container, lease.place.workdir
+        record.locality = None if lease.hit is None else ("hit" if lease.hit else "miss")
 
     @property
     def id(self) -> str:
@@ -113,6 +122,8 @@ class Function:
             log.exception("function %s failed inside ufaas", self.id)
             self._end("error", f"internal error: {exc}")
         finally:
+            if self._lease is not None:  # cancelled before it could start
+                self._lease.release()
             if self.record.status == "running":
                 self._end("cancelled", SHUTDOWN)
             if self.stdin is not None:
@@ -124,6 +135,13 @@ class Function:
             self._hub.publish(exit_event(self.record))
 
     async def _run(self, scheduler: Scheduler) -> None:
+        if self._lease is not None:  # accepted as running: straight to its container
+            lease, self._lease = self._lease, None
+            assert self.spec is not None
+            try:
+                return await self._execute(lease, self.spec, self.spec.files(), scheduler)
+            finally:
+                lease.release()
         near = await scheduler.place_of(self.record.after) if self.record.after else None
         while True:
             # A PUT sets `changed` and, when the function moves to another pool, cancels
@@ -139,7 +157,9 @@ class Function:
                 if changed.is_set():
                     continue
                 try:
-                    async with scheduler.lease(spec, near, strict=self.strict) as lease:
+                    pool = await scheduler.pool_for(spec)
+                    async with pool.lease(near, strict=self.strict,
+                                          timeout=scheduler.config.queue_timeout) as lease:
                         if changed.is_set():
                             continue
                         return await self._execute(lease, spec, files, scheduler)
@@ -150,14 +170,12 @@ class Function:
     async def _execute(self, lease: Lease, spec: Spec, files: list, scheduler: Scheduler
                        ) -> None:
         record = self.record
-        self._dequeued()
-        record.status = "running"
-        record.started_at = time.time()
-        record.container, record.workdir = lease.place.container, lease.place.workdir
-        record.locality = None if lease.hit is None else ("hit" if lease.hit else "miss")
-        self._store.save(record)
+        if record.status == "pending":
+            self._dequeued()
+            self.started_in(record, lease)
+            self._store.save(record)
+            self._hub.publish({"event": "status", "id": self.id, "status": "running"})
         self.started.set()
-        self._hub.publish({"event": "status", "id": self.id, "status": "running"})
         job = Job(spec.argv(), files=files, env=dict(spec.env),
                   stdin=spec.stdin.encode() if spec.stdin is not None else None,
                   timeout=spec.timeout, output_cap=scheduler.config.output_cap, id=self.id)

@@ -5,15 +5,13 @@ container: a warm one of its pool, or the one of the function it follows. No HTT
 from __future__ import annotations
 
 import json
-import math
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import trio
 
-from pool import File, Lease, Place, PoolError, Pools
+from pool import File, Lease, Place, Pool, Pools, Profile
 
 from .config import Config
 from .fetch import Downloader, FetchError
@@ -38,10 +36,6 @@ class QueueFull(Exception):
     """Too many functions are pending; try again later."""
 
 
-class QueueTimeout(PoolError):
-    """No container became free in time."""
-
-
 class Scheduler:
     """Accepts functions, runs each in its own task, and keeps the unfinished ones by id.
 
@@ -60,6 +54,9 @@ class Scheduler:
         self.hub = hub
         self._functions: dict[str, Function] = {}
         self._pending = 0
+        # Looked up for every function: made once.
+        self._profiles = config.profiles()
+        self._default_profiles = {net: Profile(network=net) for net in (False, True)}
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[Scheduler] = trio.TASK_STATUS_IGNORED
@@ -99,12 +96,16 @@ class Scheduler:
         spec = _with_image(parse_spec(data, self.limits))
         if predecessor is not None and strict:
             self._check_strict(predecessor, spec)
-        if self._pending >= self.config.queue_limit:
+        lease = self._claim(spec, predecessor) if after is None or predecessor else None
+        if lease is None and self._pending >= self.config.queue_limit:
             raise QueueFull(f"{self._pending} functions are pending")
         record = Record(id=str(uuid.uuid4()), spec=spec.summary(), after=after)
+        if lease is not None:
+            # A warm container was free: the function is accepted as running, in one write.
+            Function.started_in(record, lease)
         self.store.insert(record, raw if raw is not None else json.dumps(data))
         function = Function(record, self.store, self.hub, spec=spec, strict=strict,
-                            interactive=interactive, dequeued=self._dequeued)
+                            interactive=interactive, lease=lease, dequeued=self._dequeued)
         self._start(function)
         return function
 
@@ -150,10 +151,7 @@ class Scheduler:
                 raise NotFound(f"no function {before}")
         for record in self.store.records(statuses, limit, seq):
             function = self._functions.get(record.id)
-            if function is not None:
-                yield function.snapshot()
-            else:
-                yield self.store.with_output(record)
+            yield function.snapshot() if function is not None else record
 
     async def wait(self, fid: str, timeout: float) -> Record:
         """The record once finished, or as it is after ``timeout`` seconds."""
@@ -244,6 +242,8 @@ class Scheduler:
         all within ``queue_timeout`` (each download within ``download_timeout``)."""
         files = spec.files()
         urls = [r for r in spec.resources if r.url is not None]
+        if not urls:
+            return files
         fetched: dict[int, bytes] = {}
         errors: list[FetchError] = []
 
@@ -265,22 +265,9 @@ class Scheduler:
                              f"{self.config.queue_timeout:g} s")
         return files + [resource_file(r, fetched[i]) for i, r in enumerate(urls)]
 
-    @asynccontextmanager
-    async def lease(self, spec: Spec, near: Place | None, *, strict: bool = False
-                    ) -> AsyncIterator[Lease]:
-        """A container of the spec's pool (``near``'s when alive), within ``queue_timeout``;
-        raise PoolError."""
-        pool = await self.pools.add(spec.image or "", self.config.profile_for(
-            spec.image or "", spec.network))
-        # The deadline covers the wait for a container only, not the run in it.
-        with trio.CancelScope(deadline=trio.current_time() + self.config.queue_timeout
-                              ) as waiting:
-            async with pool.lease(near, strict=strict) as lease:
-                waiting.deadline = math.inf
-                yield lease
-        if waiting.cancelled_caught:
-            raise QueueTimeout("no container became free within "
-                               f"{self.config.queue_timeout:g} s")
+    async def pool_for(self, spec: Spec) -> Pool:
+        """The pool of the spec's image and profile, started if it does not run yet."""
+        return await self.pools.add(spec.image or "", self._profile(spec))
 
     async def place_of(self, fid: str) -> Place | None:
         """Where function ``fid`` ran, waiting while it has not started yet."""
@@ -298,11 +285,29 @@ class Scheduler:
 
     # -- inside ---------------------------------------------------------------------------
 
+    def _claim(self, spec: Spec, predecessor: Record | None) -> Lease | None:
+        """A warm container for ``spec`` that is free right now, if there is one and
+        nothing else must come first (downloads, a predecessor that has not finished)."""
+        if self._nursery is None or any(r.url is not None for r in spec.resources):
+            return None
+        near = None
+        if predecessor is not None:
+            if not predecessor.finished or not predecessor.container:
+                return None
+            near = Place(predecessor.container, predecessor.workdir or "")
+        pool = self.pools.get(spec.image or "", self._profile(spec))
+        return pool.claim(near) if pool is not None else None
+
+    def _profile(self, spec: Spec) -> Profile:
+        return (self._profiles.get((spec.image or "", spec.network))
+                or self._default_profiles[spec.network])
+
     def _start(self, function: Function) -> None:
         if self._nursery is None:
             raise RuntimeError("the scheduler is not serving")
         self._functions[function.id] = function
-        self._pending += 1
+        if function.status == "pending":
+            self._pending += 1
         self._nursery.start_soon(self._run, function)
         self.hub.publish({"event": "status", "id": function.id, "status": function.status})
 

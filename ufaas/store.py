@@ -1,9 +1,10 @@
 """Function records in SQLite (WAL): what was asked, where it ran, how it ended.
 
-Three tables share one key: ``functions`` holds each record without its output (small:
-listings read only this), ``specs`` the spec as sent (read to run it, or when asked for),
-``outputs`` the output once the function has ended. Calls are synchronous on purpose: each
-is one indexed row on a local file, cheaper than the hop to a worker thread.
+Two tables share one key: ``functions`` holds each record (its output too, written once as
+it ends), ``specs`` the spec as sent, read only to run it or when asked for: a listing never
+reads it, and the updates a record gets while it runs never rewrite it. Calls are
+synchronous on purpose: each is one indexed row on a local file, cheaper than the hop to a
+worker thread.
 """
 
 from __future__ import annotations
@@ -21,38 +22,44 @@ ACTIVE = ("pending", "running")
 FINISHED = ("succeeded", "failed", "timeout", "cancelled", "error")
 STATUSES = ACTIVE + FINISHED
 
-# SQLite rewrites a whole row on every UPDATE: the spec (megabytes with embedded files) and
-# the output (up to twice output_cap) have tables of their own, written once each.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS functions (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL,
-    record TEXT NOT NULL
+    record TEXT NOT NULL,
+    stdout TEXT NOT NULL DEFAULT '',
+    stderr TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS functions_status ON functions (status, seq);
 CREATE TABLE IF NOT EXISTS specs (
     seq INTEGER PRIMARY KEY,
     spec BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS outputs (
-    seq INTEGER PRIMARY KEY,
-    stdout TEXT NOT NULL,
-    stderr TEXT NOT NULL
-);
 """
 _SCHEMA_VERSION = 2
-# Version 0 kept the spec in a column of functions: the tables of _SCHEMA take its rows.
-_MIGRATE_FROM_0 = f"""
+# Version 0 kept the spec in a column of functions: the tables of version 1 take its rows.
+_MIGRATE_FROM_0 = """
 ALTER TABLE functions RENAME TO functions_v0;
 DROP INDEX functions_status;
-{_SCHEMA}
+CREATE TABLE functions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX functions_status ON functions (status, seq);
+CREATE TABLE specs (seq INTEGER PRIMARY KEY, spec TEXT NOT NULL);
 INSERT INTO functions (seq, id, status, record) SELECT seq, id, status, record FROM functions_v0;
 INSERT INTO specs (seq, spec) SELECT seq, spec FROM functions_v0;
 DROP TABLE functions_v0;
 """
-# Columns of a record as listed: never the spec body, never the output.
-_SELECT = "SELECT seq, record FROM functions"
+# Version 1 kept the output inside each record, and records had no spec summary.
+_MIGRATE_FROM_1 = """
+ALTER TABLE functions ADD COLUMN stdout TEXT NOT NULL DEFAULT '';
+ALTER TABLE functions ADD COLUMN stderr TEXT NOT NULL DEFAULT '';
+"""
+_SELECT = "SELECT seq, record, stdout, stderr FROM functions"
 
 
 @dataclass
@@ -147,10 +154,10 @@ class Store:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(functions)")}
         # One transaction for all of it: executescript() would commit half-way.
         with self._transaction():
-            for statement in (_MIGRATE_FROM_0 if "spec" in columns else _SCHEMA).split(";"):
+            steps = (_MIGRATE_FROM_0 if "spec" in columns else "") + _MIGRATE_FROM_1
+            for statement in steps.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
-            # Version 1: the output sat in each record, and records had no spec summary.
             rows = self._db.execute(
                 "SELECT f.seq, f.record, s.spec FROM functions f JOIN specs s "
                 "ON s.seq = f.seq").fetchall()
@@ -160,11 +167,9 @@ class Store:
                 spec_data = json.loads(spec)
                 data["spec"] = (summarize(spec_data) if summarize is not None
                                 else spec_data)
-                self._db.execute("UPDATE functions SET record = ? WHERE seq = ?",
-                                 (_dumps(data), seq))
-                if data.get("status") in FINISHED:
-                    self._db.execute("INSERT INTO outputs (seq, stdout, stderr) "
-                                     "VALUES (?, ?, ?)", (seq, stdout, stderr))
+                self._db.execute(
+                    "UPDATE functions SET record = ?, stdout = ?, stderr = ? WHERE seq = ?",
+                    (_dumps(data), stdout, stderr, seq))
 
     def _transaction(self) -> sqlite3.Connection:
         self._db.execute("BEGIN")
@@ -185,14 +190,10 @@ class Store:
         return record
 
     def save(self, record: Record) -> None:
-        """Write the record back, without its output; with it once it has finished."""
-        with self._transaction():
-            self._db.execute("UPDATE functions SET status = ?, record = ? WHERE seq = ?",
-                             (record.status, _dump(record), record.seq))
-            if record.finished:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO outputs (seq, stdout, stderr) VALUES (?, ?, ?)",
-                    (record.seq, record.stdout, record.stderr))
+        """Write the record back, its output too (empty until it has finished)."""
+        self._db.execute(  # one statement: a transaction of its own
+            "UPDATE functions SET status = ?, record = ?, stdout = ?, stderr = ? WHERE seq = ?",
+            (record.status, _dump(record), record.stdout, record.stderr, record.seq))
 
     def replace_spec(self, record: Record, spec: bytes | str) -> None:
         """A new spec for a pending function, and the record that summarizes it."""
@@ -202,18 +203,8 @@ class Store:
                              (_dump(record), record.seq))
 
     def get(self, fid: str) -> Record | None:
-        """The record, with its output."""
         row = self._db.execute(f"{_SELECT} WHERE id = ?", (fid,)).fetchone()
-        return None if row is None else self.with_output(_load(row))
-
-    def with_output(self, record: Record) -> Record:
-        """``record`` with its output filled in, once it has finished."""
-        if record.finished:
-            output = self._db.execute("SELECT stdout, stderr FROM outputs WHERE seq = ?",
-                                      (record.seq,)).fetchone()
-            if output is not None:
-                record.stdout, record.stderr = output
-        return record
+        return None if row is None else _load(row)
 
     def spec(self, fid: str) -> bytes | None:
         """The spec as sent (JSON), or None for an unknown id."""
@@ -227,7 +218,7 @@ class Store:
 
     def records(self, statuses: tuple[str, ...] | None = ACTIVE, limit: int = 100,
                 before: int | None = None) -> Iterator[Record]:
-        """Newest first, without output; ``statuses`` None means all, ``before`` a seq."""
+        """Newest first; ``statuses`` None means all, ``before`` a seq."""
         where, args = [], []
         if statuses is not None:
             where.append(f"status IN ({','.join('?' * len(statuses))})")
@@ -253,7 +244,7 @@ class Store:
         if seq is None:
             return False
         with self._transaction():
-            for table in ("specs", "outputs", "functions"):
+            for table in ("specs", "functions"):
                 self._db.execute(f"DELETE FROM {table} WHERE seq = ?", (seq,))
         return True
 
@@ -273,14 +264,14 @@ def _dumps(value: object) -> str:
 
 
 def _dump(record: Record) -> str:
-    # vars(), not asdict(): asdict deep-copies. The output has a table of its own.
+    # vars(), not asdict(): asdict deep-copies. The output has columns of its own.
     data = dict(vars(record))
     del data["seq"], data["stdout"], data["stderr"]
     return _dumps(data)
 
 
-def _load(row: tuple[int, str]) -> Record:
+def _load(row: tuple[int, str, str, str]) -> Record:
     data = json.loads(row[1])
     record = Record(**{k: v for k, v in data.items() if k in _FIELDS})
-    record.seq = row[0]
+    record.seq, record.stdout, record.stderr = row[0], row[2], row[3]
     return record
