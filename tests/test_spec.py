@@ -93,6 +93,13 @@ def test_base64_is_kept_decoded_only():
     assert spec.resources[1].base64 == b"\x00\x01\x02"
 
 
+@pytest.mark.parametrize("image", [
+    "python:3.12-slim", "docker.io/library/python:3.12", "localhost:5000/team/tool:v1.2",
+    "e4e98b8c7ab8", "sha256:e4e98b8c7ab8", "busybox@sha256:" + "a" * 64, "ufaas-test/python"])
+def test_image_references(image):
+    assert parse_spec({"command": "true", "image": image}, LIMITS).image == image
+
+
 def test_string_command_runs_under_sh():
     spec = parse_spec({"command": "echo hi | wc -c"}, LIMITS)
     assert spec.argv() == ["/bin/sh", "-c", "echo hi | wc -c"]
@@ -138,6 +145,10 @@ def test_sha256_checked_against_embedded_content():
         ({"command": "true", "image": "a b"}, "image"),
         ({"command": "true", "image": "x" * 257}, "image"),
         ({"command": "true", "image": 3}, "image"),
+        ({"command": "true", "image": "A:B:C"}, "image"),
+        ({"command": "true", "image": "Python"}, "image"),
+        ({"command": "true", "image": "x@sha256:zz"}, "image"),
+        ({"command": "true", "image": "a//b"}, "image"),
         ({"command": "true", "timeout": 0}, "timeout"),
         ({"command": "true", "timeout": -1}, "timeout"),
         ({"command": "true", "timeout": 301}, "timeout"),

@@ -45,6 +45,17 @@ MAX_ENV_ENTRIES = 256
 MAX_ERRORS = 20
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# An image reference as Docker parses it (distribution/reference): [domain/]path[:tag][@digest],
+# path components lower case; an image ID (or a prefix of one) matches it too.
+_ALNUM = r"[a-z0-9]+"
+_COMPONENT = rf"{_ALNUM}(?:(?:[._]|__|-+){_ALNUM})*"
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_REFERENCE = re.compile(
+    rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*"  # the name
+    r"(?::[\w][\w.-]{0,127})?"  # a tag
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")  # a digest
+_IMAGE_ID = re.compile(r"sha256:[0-9a-f]{1,64}")
 _OCTAL_MODE = re.compile(r"(0o?)?[0-7]{1,3}")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 # Pydantic's wording for a few error types, said in terms of the JSON body.
@@ -131,8 +142,9 @@ def _no_nul(value: str) -> str:
 
 def _check_image(value: str) -> str:
     _no_nul(value)
-    if any(c.isspace() for c in value):
-        raise ValueError(f"{value!r}: an image name has no whitespace")
+    if not (_REFERENCE.fullmatch(value) or _IMAGE_ID.fullmatch(value)):
+        raise ValueError(f"{value[:80]!r}: not an image reference ([registry/]name[:tag]"
+                         "[@digest], the name in lower case) nor an image ID")
     return value
 
 
