@@ -102,7 +102,8 @@ def exec_run_once(client: docker.DockerClient, image: str
     container = client.containers.run(image, ["sleep", "600"], detach=True, labels=LABELS)
     try:
         def once() -> tuple[bytes, str]:
-            code, output = container.exec_run(ARGV)
+            code, output = container.exec_run(ARGV)  # not streamed: the whole output
+            assert isinstance(output, bytes)
             return output, "" if code == 0 else f"exit {code}"
         yield once
     finally:

@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+from typing import Any
 
 import docker
 
@@ -30,7 +31,7 @@ READY_TIMEOUT = 30.0
 
 # -- HTTP --------------------------------------------------------------------------------------
 
-async def _bare_app(scope, receive, send):  # type: ignore[no-untyped-def]
+async def _bare_app(scope: Any, receive: Any, send: Any) -> None:
     """A raw ASGI app: reads the body, answers a JSON object the size of a function record."""
     if scope["type"] == "lifespan":
         while (await receive())["type"] != "lifespan.shutdown":
@@ -141,7 +142,7 @@ def agent_floor(client: docker.DockerClient, n: int, image: str = PYTHON_IMAGE,
         tmpfs={"/tmp/ufaas": "size=64m,uid=1000,gid=1000,mode=0311"})
     try:
         exec_id = client.api.exec_create(container.id, AGENT_ARGV, stdin=True)["Id"]
-        sock = client.api.exec_start(exec_id, socket=True)._sock
+        sock = client.api.exec_start(exec_id, socket=True)._sock  # type: ignore[union-attr]
         sock.settimeout(READY_TIMEOUT)
         link = _AgentLink(sock)
         link.send({"op": "hello"})

@@ -111,7 +111,7 @@ def write_files(workdir_fd, files, body):
 
 
 _OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
-_oom_file = []  # the one that exists here, found on first use
+_oom_file = []  # type: list  # the one that exists here, found on first use
 
 
 def oom_kills():

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import docker.types
 import trio
 
 from ._types import Profile
@@ -146,7 +147,8 @@ class Engine:
             nano_cpus=int(profile.cpus * 1e9),
             network_mode="bridge" if profile.network else "none",
             init=init or None,
-            log_config={"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
+            log_config=docker.types.LogConfig(type="json-file",
+                                              config={"max-size": "1m", "max-file": "1"}),
             # Working directories live in a size-capped tmpfs: a function filling its disk
             # fills its own memory budget, never the host's disk.
             tmpfs={workdir_root: f"size={profile.workdir_size},uid={uid},gid={gid or uid},"

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -282,9 +282,9 @@ class Pool:
         """
         lease = self.claim(near)
         if lease is None:
-            with trio.move_on_after(timeout) as waiting:
+            with trio.move_on_after(timeout):
                 lease = await self._acquire(near, strict)
-            if waiting.cancelled_caught:
+            if lease is None:  # the deadline struck while it waited
                 raise LeaseTimeout(f"no container became free within {timeout:g} s")
         try:
             yield lease
@@ -405,7 +405,7 @@ class Pool:
         self._spawn(self._destroy_now, c)
         self._wake.set()
 
-    def _spawn(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         if self._nursery is not None and not self._closed:
             try:
                 self._nursery.start_soon(fn, *args)
@@ -652,5 +652,5 @@ class Pools:
         if pool is not None:
             pool.discard(cid)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Pool]:
         return iter(list(self._pools.values()))

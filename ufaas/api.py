@@ -99,8 +99,9 @@ def authorized(token: bytes, authorization: str, args: Mapping[str, str]) -> boo
 
 async def body() -> bytes:
     """The request body, read whole (Quart enforces MAX_CONTENT_LENGTH and BODY_TIMEOUT)."""
-    data = await request.get_data(cache=False)
+    data = await request.get_data(cache=False, as_text=False)
     g.body_read = True
+    assert isinstance(data, bytes)
     return data
 
 

@@ -147,7 +147,7 @@ class _PolicyBackend(httpcore.TrioBackend):
                 infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as exc:
                 raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
-            candidates = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+            candidates = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
         refused = []
         for ip in dict.fromkeys(candidates):
             rule = None if allowed_by_name else self.policy.refusal(ip)
@@ -382,7 +382,7 @@ class Downloader:
         sha256 = key[1]
         for k in (key, self._by_hash.get(sha256) if sha256 else None):
             entry = self._cache.get(k) if k else None
-            if entry is None:
+            if entry is None or k is None:
                 continue
             if entry.expires is not None and entry.expires < time.monotonic():
                 self._evict(k)

@@ -219,7 +219,8 @@ class Store:
     def records(self, statuses: tuple[str, ...] | None = ACTIVE, limit: int = 100,
                 before: int | None = None) -> Iterator[Record]:
         """Newest first; ``statuses`` None means all, ``before`` a seq."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[str | int] = []
         if statuses is not None:
             where.append(f"status IN ({','.join('?' * len(statuses))})")
             args.extend(statuses)
