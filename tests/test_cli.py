@@ -7,27 +7,17 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import trio
+from command import ufaas_command
 
 import ufaas
 from ufaas.client import Client, ClientError, SyncClient
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-
-
-def ufaas_command() -> list[str]:
-    # Prefer the console script installed beside this interpreter: it proves the entry point.
-    script = os.path.join(os.path.dirname(sys.executable), "ufaas")
-    if os.path.exists(script):
-        return [script]
-    return [sys.executable, "-m", "ufaas.cli"]
 
 
 def environ(client, token: str | None = None) -> dict[str, str]:

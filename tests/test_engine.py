@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
+from command import ufaas_command
 
 
 @pytest.fixture(params=["busybox", "python"])
@@ -36,17 +35,9 @@ def test_python_image_has_stdlib(docker_client, images, test_labels):
     assert json.loads(result.output)[0] == 3
 
 
-def _ufaas_script() -> list[str]:
-    # Prefer the console script installed beside this interpreter: it proves the entry point.
-    script = os.path.join(os.path.dirname(sys.executable), "ufaas")
-    if os.path.exists(script):
-        return [script]
-    return [sys.executable, "-m", "ufaas.cli"]
-
-
 def test_cli_help():
     result = subprocess.run(
-        [*_ufaas_script(), "--help"], capture_output=True, text=True, timeout=30
+        [*ufaas_command(), "--help"], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
     for option in ("--host", "--port", "--db", "--config", "--token", "--insecure"):

@@ -7,11 +7,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import trio
+from command import ufaas_command
 
 READY = re.compile(r"ufaas ready at (http://\S+)")
 
@@ -23,7 +23,7 @@ class Server:
         self.log_path = tmp_path / f"{name}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ufaas.cli", *args], stdout=self.log, stderr=self.log,
+            [*ufaas_command(), *args], stdout=self.log, stderr=self.log,
             env={**os.environ, **(env or {})})
         self.url = None
 
@@ -146,7 +146,7 @@ async def test_graceful_shutdown_ends_running_functions(tmp_path, config_file, i
 
 def test_refuses_public_address_without_token(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "ufaas.cli", "--host", "0.0.0.0", "--port", "0",
+        [*ufaas_command(), "--host", "0.0.0.0", "--port", "0",
          "--db", str(tmp_path / "x.db")], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "without a token" in result.stderr
