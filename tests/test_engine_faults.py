@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import httpx
 import pytest
@@ -40,11 +39,10 @@ async def test_container_killed_mid_function(start_server, make_config, images, 
         rec = await wait_status(client, victim["id"], ("running",))
         await wait_status(client, bystander["id"], ("running",))
         full_id = docker_client.containers.list(filters={"id": rec["container"]})[0].id
-        start = time.monotonic()
         await trio.to_thread.run_sync(lambda: docker_client.containers.get(full_id).kill())
+        # Ended by the loss of its container, long before its 30 s sleep would end it.
         rec = (await client.get(f"/fn/{victim['id']}?wait=10")).json()
         assert rec["status"] == "error" and "container" in rec["error"], rec
-        assert time.monotonic() - start < 5
         other = (await client.get(f"/fn/{bystander['id']}?wait=10")).json()
         assert other["status"] == "succeeded" and other["stdout"] == "fine\n"
         after = (await client.post("/fn?wait=20", json={"image": images.python,
