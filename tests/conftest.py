@@ -1,11 +1,13 @@
-"""Fixtures giving tests a real Docker engine, the local test images, and labels
-that let every container a test creates be found and removed afterwards.
+"""Fixtures giving tests a real Docker engine, the local test images, labels that let
+every container a test creates be found and removed afterwards, the real server on port 0,
+and real HTTP sites for URL resources.
 
 Under CI (``CI=true``) a missing engine or image fails the run instead of skipping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -17,6 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import images as test_images  # noqa: E402  (tests/images.py, not a package)
+import sites  # noqa: E402
 
 TEST_LABEL = "ufaas.test"
 INSTANCE_LABEL = "ufaas.instance"
@@ -118,3 +121,12 @@ def python_config(make_config, images):
         return make_config(**kw)
 
     return make
+
+
+@pytest.fixture
+def make_site():
+    """Starts a real HTTP server on 127.0.0.1 with the routes given (see tests/sites.py);
+    it stops at the test's end."""
+    with contextlib.ExitStack() as stack:
+        yield lambda routes: stack.enter_context(sites.Site(routes))
+

@@ -4,42 +4,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
 import json
-import threading
 import time
 import uuid
 
 import pytest
+import sites
 import trio
 
 from ufaas.config import PoolConfig
 
-
-@pytest.fixture
-def file_server():
-    """A real local HTTP server for URL resources."""
-    content = b"def tool():\n    return 'tool ok'\n"
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            if self.path != "/tool.py":
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(content)))
-            self.end_headers()
-            self.wfile.write(content)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", content
-    server.shutdown()
-    server.server_close()
+TOOL = b"def tool():\n    return 'tool ok'\n"
 
 
 def spec(images, command, **kw):
@@ -80,9 +55,8 @@ async def test_run_and_read_back(start_server, python_config, images):
             slow["id"]]
 
 
-async def test_spec_example_with_url_resource(start_server, python_config, images,
-                                              file_server):
-    base, tool = file_server
+async def test_spec_example_with_url_resource(start_server, python_config, images, make_site):
+    base = make_site({"/tool.py": sites.send(TOOL)}).url
     body = {
         "image": images.python,
         "command": ["python3", "main.py"],
@@ -92,7 +66,7 @@ async def test_spec_example_with_url_resource(start_server, python_config, image
              "import os\nprint(os.environ['NAME'], sys.stdin.read())\n"},
             {"path": "data.bin", "base64": "AAEC"},
             {"path": "lib/tool.py", "url": f"{base}/tool.py",
-             "sha256": hashlib.sha256(tool).hexdigest()},
+             "sha256": hashlib.sha256(TOOL).hexdigest()},
             {"path": "run.sh", "text": "echo hi", "mode": "0755"},
         ],
         "env": {"NAME": "value"},

@@ -7,7 +7,6 @@ Each case ends with a function that runs fine: a fault must never outlive its fu
 from __future__ import annotations
 
 import functools
-import http.server
 import json
 import logging
 import queue
@@ -17,6 +16,7 @@ import uuid
 from urllib.parse import quote
 
 import pytest
+import sites
 import trio
 
 from pool._runner import KILL_GRACE
@@ -203,67 +203,15 @@ async def test_bad_values(start_server, make_config, images):
 # -- URL resources -----------------------------------------------------------------------
 
 
-class Site(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, limit):
-        super().__init__(("127.0.0.1", 0), SiteHandler)
-        self.limit = limit
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class SiteHandler(http.server.BaseHTTPRequestHandler):
-    server: Site
-
-    def log_message(self, format, *args):
-        pass
-
-    def do_GET(self):  # noqa: N802
-        try:
-            if self.path == "/file":
-                self.send(b"content\n")
-            elif self.path == "/big":
-                self.send(b"x" * (self.server.limit + 1))
-            elif self.path == "/big-unsized":
-                self.send_response(200)
-                self.end_headers()
-                for _ in range(100):
-                    self.wfile.write(b"x" * 1024)
-            elif self.path == "/drip":
-                self.send_response(200)
-                self.send_header("Content-Length", "1000")
-                self.end_headers()
-                for _ in range(1000):
-                    self.wfile.write(b"x")
-                    self.wfile.flush()
-                    time.sleep(3.0)  # longer than the whole deadline
-            elif self.path == "/to-file":
-                self.send_response(302)
-                self.send_header("Location", "file:///etc/passwd")
-                self.end_headers()
-            else:
-                self.send_error(404)
-        except OSError:
-            pass  # the downloader hung up, as it should
-
-    def send(self, body):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
 @pytest.fixture
-def site():
-    server = Site(limit=4096)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def site(make_site):
+    return make_site({
+        "/file": sites.send(b"content\n"),
+        "/big": sites.send(b"x" * 4097),
+        "/big-unsized": sites.unsized(100 * 1024),
+        "/drip": sites.drip(3.0),  # a byte every 3 s: longer than the whole deadline
+        "/to-file": sites.redirect("file:///etc/passwd"),
+    })
 
 
 async def test_url_resources(start_server, make_config, images, site):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import socket
-import threading
-from collections import Counter
 
 import pytest
+import sites
 import trio
 
 from ufaas.fetch import Downloader as Fetcher
@@ -19,101 +17,23 @@ LIMIT = 4096
 CAP = 10  # seconds: the most any test here may take
 
 
-class Site(http.server.ThreadingHTTPServer):
-    # Handler threads are joined on close, so none outlives its test.
-    daemon_threads = False
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.requests: Counter[str] = Counter()
-        self.stop = threading.Event()
-        self.disconnected = threading.Event()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    server: Site
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self.server.requests[self.path] += 1
-        route = {
-            "/file": lambda: self.send(BODY),
-            "/other": lambda: self.send(BODY),
-            "/big": lambda: self.send(b"x" * (LIMIT + 1)),
-            "/big-unsized": self.big_unsized,
-            "/slow": self.slow,
-            "/drip": lambda: self.drip(1.0),
-            "/drip-fast": lambda: self.drip(0.05),
-            "/drip-headers": self.drip_headers,
-            "/redirect": lambda: self.redirect("/file"),
-            "/redirect-ftp": lambda: self.redirect("ftp://127.0.0.1/file"),
-        }.get(self.path)
-        try:
-            if route is None:
-                self.send_error(404)
-            else:
-                route()
-        except (BrokenPipeError, ConnectionResetError):
-            self.server.disconnected.set()
-
-    def send(self, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def redirect(self, location: str) -> None:
-        self.send_response(302)
-        self.send_header("Location", location)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def big_unsized(self) -> None:
-        # HTTP/1.0 with no Content-Length: the body ends when the connection closes.
-        self.send_response(200)
-        self.end_headers()
-        for _ in range(64):
-            self.wfile.write(b"x" * 1024)
-
-    def slow(self) -> None:
-        self.server.stop.wait(0.3)
-        self.send(BODY)
-
-    def drip(self, interval: float) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "1000")
-        self.end_headers()
-        for _ in range(1000):
-            if self.server.stop.wait(interval):
-                return
-            self.wfile.write(b"x")
-            self.wfile.flush()
-
-    def drip_headers(self) -> None:
-        self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Drip: ")
-        while not self.server.stop.wait(0.25):
-            self.wfile.write(b"x")
-            self.wfile.flush()
+ROUTES = {
+    "/file": sites.send(BODY),
+    "/other": sites.send(BODY),
+    "/big": sites.send(b"x" * (LIMIT + 1)),
+    "/big-unsized": sites.unsized(64 * 1024),
+    "/slow": sites.after(0.3, BODY),
+    "/drip": sites.drip(1.0),
+    "/drip-fast": sites.drip(0.05),
+    "/drip-headers": sites.drip_headers(0.25),
+    "/redirect": sites.redirect("/file"),
+    "/redirect-ftp": sites.redirect("ftp://127.0.0.1/file"),
+}
 
 
 @pytest.fixture
-def site():
-    server = Site()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.stop.set()
-        server.shutdown()
-        server.server_close()
-        thread.join()
+def site(make_site):
+    return make_site(ROUTES)
 
 
 def sha(data: bytes) -> str:
