@@ -21,7 +21,7 @@ from pool import (
     check_files,
 )
 
-# Small limits keep the bombs quick and the machine responsive.
+# Small limits: a function that goes wild here stays cheap for the machine.
 PROFILE = Profile(memory=128 << 20, pids=64, workdir_size=32 << 20)
 
 
@@ -244,31 +244,6 @@ async def test_locality_waits_for_busy_container_and_misses_when_gone(
             assert third.place.container != first.place.container
 
 
-async def test_runaway_code(engine, images, image, test_id, test_labels):
-    with trio.fail_after(120):
-        async with serving(engine, image, test_id, test_labels) as pool:
-            _, bomb = await run(pool, Job(["sh", "-c", "f() { f | f & }; f; sleep 3"],
-                                          timeout=4))
-            assert bomb.outcome in ("exited", "timeout"), bomb
-            _, flood = await run(pool, Job(["sh", "-c", "yes | head -c 5000000; "
-                                            "yes err | head -c 5000000 >&2"],
-                                           output_cap=64 << 10))
-            assert flood.truncated and flood.exit_code == 0
-            assert len(flood.stdout) == len(flood.stderr) == 64 << 10
-            # Both run paths say when the kernel killed for memory (busybox dd fills a
-            # 200 MB buffer against a 128 MiB limit).
-            bomb = (["python3", "-c", "b = []\nwhile True: b.append(bytearray(10 ** 7))"]
-                    if image == images.python
-                    else ["dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"])
-            _, oom = await run(pool, Job(bomb, timeout=20))
-            assert oom.outcome == "exited" and oom.signal == 9, oom
-            assert oom.oom is True
-            _, calm = await run(pool, Job(["true"]))
-            assert calm.oom is False
-            _, ok = await run(pool, Job(["echo", "still fine"]))
-            assert ok.stdout == b"still fine\n"
-
-
 async def test_dead_container_is_replaced(engine, images, test_id, test_labels, docker_client):
     with trio.fail_after(60):
         async with serving(engine, images.python, test_id, test_labels, min_idle=1) as pool:
@@ -335,23 +310,16 @@ async def test_pools_clean_up_everything(engine, images, test_id, test_labels, d
     assert docker_client.containers.list(all=True, filters={"label": label}) == []
 
 
-async def test_hardening(engine, images, test_id, test_labels, docker_client):
+async def test_functions_run_unprivileged(engine, image, test_id, test_labels):
+    # What the container's flags (checked in test_faults) mean for the function itself.
     with trio.fail_after(60):
-        async with serving(engine, images.python, test_id, test_labels) as pool:
-            (c,) = pool._idle
-            attrs = docker_client.containers.get(c.id).attrs
-            _, result = await run(pool, Job(["sh", "-c", "id -u; cat /proc/self/status | "
-                                            "grep CapEff"]))
-    host = attrs["HostConfig"]
-    assert host["CapDrop"] == ["ALL"]
-    assert "no-new-privileges" in host["SecurityOpt"]
-    assert host["PidsLimit"] == PROFILE.pids
-    assert host["Memory"] == host["MemorySwap"] == PROFILE.memory
-    assert host["NetworkMode"] == "none"
-    assert not host.get("Binds") and not attrs.get("Mounts")
-    assert host["LogConfig"]["Config"].get("max-size")
-    assert attrs["Config"]["User"] == "65534:65534"
-    assert result.stdout.decode().split() == ["65534", "CapEff:", "0000000000000000"]
+        async with serving(engine, image, test_id, test_labels) as pool:
+            _, result = await run(pool, Job(["sh", "-c", "id -u; id -g; grep -E "
+                                             "'^(CapEff|CapPrm|NoNewPrivs):' /proc/self/status"]))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.decode().split() == [
+        "65534", "65534", "CapPrm:", "0000000000000000", "CapEff:", "0000000000000000",
+        "NoNewPrivs:", "1"]
 
 
 async def test_interactive_stdin(engine, image, test_id, test_labels):

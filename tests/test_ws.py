@@ -6,13 +6,10 @@ import json
 import socket
 import time
 
-import pytest
 import trio
-from trio_websocket import ConnectionRejected, open_websocket_url, wrap_client_stream
+from trio_websocket import open_websocket_url, wrap_client_stream
 
 MAX_MESSAGE = 16 << 20
-
-
 
 
 def ws_url(client, query: str = "") -> str:
@@ -236,21 +233,6 @@ async def test_bad_messages_get_errors_and_the_socket_stays(start_server, python
             await send(ws, op="stdin", id=fid, data="late")
             event = await receive(ws)
             assert event["event"] == "error" and "succeeded" in event["message"]
-
-
-async def test_token(start_server, python_config, images):
-    with trio.fail_after(60):
-        client = await start_server(python_config(token="s3cret"), token="s3cret")
-        with pytest.raises(ConnectionRejected) as rejected:
-            async with connect(client):
-                pass
-        assert rejected.value.status_code == 401
-        async with connect(client, "?token=s3cret") as ws:
-            fid = await run(ws, {"image": images.python, "command": ["echo", "a"]})
-            assert text(await until_exit(ws, fid)) == "a\n"
-        async with connect(client, extra_headers=[(b"authorization", b"Bearer s3cret")]) as ws:
-            await send(ws, op="watch", id=fid)
-            assert text(await until_exit(ws, fid)) == "a\n"
 
 
 async def test_one_silent_client_among_twenty(start_server, python_config, images, nursery):
