@@ -57,9 +57,8 @@ def test_id() -> str:
     return f"t-{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture
-def test_labels(docker_client, test_id):
-    yield {TEST_LABEL: test_id}
+def remove_containers_of(docker_client, test_id: str) -> None:
+    """Remove every container labelled for ``test_id``, or of a server instance it named."""
     containers = docker_client.containers
     leftovers = containers.list(
         all=True, filters={"label": f"{TEST_LABEL}={test_id}"}, ignore_removed=True
@@ -74,6 +73,12 @@ def test_labels(docker_client, test_id):
             container.remove(force=True)
         except docker.errors.NotFound:
             pass  # already gone, e.g. removed by the code under test
+
+
+@pytest.fixture
+def test_labels(docker_client, test_id):
+    yield {TEST_LABEL: test_id}
+    remove_containers_of(docker_client, test_id)
 
 
 @pytest.fixture
@@ -130,3 +135,12 @@ def make_site():
     with contextlib.ExitStack() as stack:
         yield lambda routes: stack.enter_context(sites.Site(routes))
 
+
+@pytest.fixture(scope="module")
+def module_labels(docker_client):
+    """Like ``test_labels``, for what a whole module shares (a server started once); its
+    containers are removed after the module's last test. Instance names start with the
+    ``ufaas.test`` label's value."""
+    module_id = f"m-{uuid.uuid4().hex[:8]}"
+    yield {TEST_LABEL: module_id}
+    remove_containers_of(docker_client, module_id)

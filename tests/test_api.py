@@ -203,41 +203,16 @@ async def test_delete_pending_running_finished(start_server, make_config, images
         assert ok["stdout"] == "ok\n"
 
 
-BAD_SPECS = [
-    ({"image": "x"}, "command"),
-    ({"image": "x", "command": ["a"], "resources": [{"path": "a", "text": "1", "base64": "AA=="}]},
-     "resources.0"),
-    ({"image": "x", "command": ["a"], "resources": [{"path": "a", "base64": "!!"}]},
-     "resources.0.base64"),
-    ({"image": "x", "command": ["a"], "resources": [{"path": "/etc/x", "text": ""}]},
-     "resources.0.path"),
-    ({"image": "x", "command": ["a"], "resources": [{"path": "../x", "text": ""}]},
-     "resources.0.path"),
-    ({"image": "x", "command": ["a"], "surprise": 1}, "surprise"),
-    ({"image": "x", "command": ["a"], "timeout": 10 ** 9}, "timeout"),
-    ({"image": "x", "command": ["a"], "timeout": 0}, "timeout"),
-    ({"command": ["a"]}, "image"),
-]
-
-
 async def test_errors_then_still_serving(start_server, python_config, images):
     with trio.fail_after(60):
-        client = await start_server(python_config(max_body=4096))
+        client = await start_server(python_config())
         r = await client.post("/fn", content=b'{"image": ')
         assert r.status_code == 400 and "JSON" in r.json()["error"]
-        r = await client.post("/fn", content=b"[1, 2]")
-        assert r.status_code == 422
-        for body, field in BAD_SPECS:
-            r = await client.post("/fn", json=body)
-            assert r.status_code == 422, (body, r.text)
-            assert r.json()["error"].startswith(field), (field, r.json())
         assert (await client.get(f"/fn/{uuid.uuid4()}")).status_code == 404
         assert (await client.get("/fn/not-a-uuid")).status_code == 404
         assert (await client.delete(f"/fn/{uuid.uuid4()}")).status_code == 404
         assert (await client.post(f"/fn/{uuid.uuid4()}", json={"command": ["a"]})
                 ).status_code == 404
-        r = await client.post("/fn", json=spec(images, ["echo"], stdin="x" * 10000))
-        assert r.status_code == 413 and r.json()["error"]
         # GET /fn has no wait: it ignores the parameter, as any it does not know.
         r = await client.get("/fn?wait=abc&surprise=1")
         assert r.status_code == 200 and r.json() == [], r.text

@@ -1,7 +1,8 @@
 """Faults over real HTTP against the real server and real containers: bad input, runaway
 functions, exposure of the token, a fuzz of the API, and the hardening of every container.
 
-Each case ends with a function that runs fine: a fault must never outlive its function.
+Each case ends with a function that runs fine (bad input: the module's last case does): a
+fault must never outlive its function.
 """
 
 from __future__ import annotations
@@ -55,7 +56,88 @@ async def still_serves(client, image, after=None):
     return rec
 
 
+class ThreadedServer:
+    """The real server in a thread with its own ``trio.run``: for sync tests (hypothesis),
+    and for a server that outlives one test's ``trio.run`` (module-scoped)."""
+
+    def __init__(self, config, *, instance, labels):
+        self._args = (config, instance, labels)
+        self._ready: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+
+    async def _main(self):
+        from ufaas.server import serve
+
+        config, instance, labels = self._args
+        stop = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(functools.partial(
+                    serve, config, shutdown_trigger=stop.wait, instance=instance,
+                    labels=labels))
+                self._ready.put((url, trio.lowlevel.current_trio_token(), stop))
+        except BaseException as exc:
+            self._ready.put(exc)
+            raise
+
+    def __enter__(self):
+        self._thread.start()
+        got = self._ready.get(timeout=CAP)
+        if isinstance(got, BaseException):
+            raise got
+        self.url, self._token, self._stop = got
+        return self
+
+    def __exit__(self, *exc_info):
+        trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(CAP)
+        assert not self._thread.is_alive(), "the server did not stop"
+
+
 # -- bad input ---------------------------------------------------------------------------
+#
+# One server for the module's bad-input cases, each case a test of its own: every case is
+# refused before anything runs, so none can disturb another.
+
+
+@pytest.fixture(scope="module")
+def refusing_server(docker_client, images, tmp_path_factory, module_labels):
+    from ufaas.config import Config
+
+    config = Config.load(
+        None, environ={}, port=0, db=str(tmp_path_factory.mktemp("bad-input") / "ufaas.db"),
+        max_body=MiB, max_file_bytes=64 * 1024, max_total_bytes=256 * 1024,
+        pools=[PoolConfig(image=images.busybox, min_idle=1, max=1)])
+    with ThreadedServer(config, instance=f"{module_labels['ufaas.test']}-bad",
+                        labels=module_labels) as server:
+        yield server.url
+
+
+@pytest.fixture
+async def client(refusing_server):
+    """A client of the bad-input server, on one connection: a request after a refused one
+    goes on the same connection unless the server closed it."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=refusing_server, timeout=30,
+                                 limits=httpx.Limits(max_connections=1)) as client:
+        yield client
+
+
+async def recorded(client):
+    r = await client.get("/fn?status=all")
+    assert r.status_code == 200, r.text
+    return [rec["id"] for rec in r.json()]
+
+
+async def refused(client, method, path, *, status, **kw):
+    """The answer to a request that must be refused with ``status``, recording nothing."""
+    before = await recorded(client)
+    r = await client.request(method, path, **kw)
+    assert r.status_code == status, (method, path[:80], r.text[:300])
+    assert r.json()["error"], r.text[:300]
+    assert await recorded(client) == before, "a refused request recorded a function"
+    return r
 
 
 def res(**fields):
@@ -67,46 +149,82 @@ def res(**fields):
 BAD_PATHS = ["../x", "/etc/x", "a/../../x", "a\x00b", "", "x" * 4096, "a//b", "./a", "a/",
              "\ud800"]
 
-# (body, status, the field the error must name first)
+
+@pytest.mark.parametrize("path", BAD_PATHS, ids=lambda path: ascii(path[:12]))
+async def test_bad_path(client, path):
+    with trio.fail_after(CAP):
+        r = await refused(client, "POST", "/fn", status=422,
+                          content=json.dumps(res(path=path, text="x")))
+        assert r.json()["error"].startswith("resources.0.path: "), r.json()["error"][:200]
+
+
+@pytest.mark.parametrize("paths", [["a", "a/b"], ["a/b", "a"], ["a", "a"], ["a/b/c", "a/b"]],
+                         ids="+".join)
+async def test_conflicting_paths(client, paths):
+    with trio.fail_after(CAP):
+        body = res(text="x")
+        body["resources"] = [{"path": p, "text": "x"} for p in paths]
+        r = await refused(client, "POST", "/fn", status=422, json=body)
+        assert r.json()["error"].startswith("resources: "), r.text
+        assert all(p in r.json()["error"] for p in set(paths)) or "twice" in r.text
+
+
+# (body, the field the error must name first); each is refused with 422.
 BAD_BODIES = [
-    (res(base64="!!!!"), 422, "resources.0.base64"),
-    (res(base64="AAE"), 422, "resources.0.base64"),
-    (res(base64="AA==\n"), 422, "resources.0.base64"),
-    (res(base64="\u00e9AA="), 422, "resources.0.base64"),
-    (res(text="\ud800"), 422, "resources.0.text"),
-    (res(url="http://x/\ud800"), 422, "resources.0.url"),
-    (res(text="", mode="0999"), 422, "resources.0.mode"),
-    (res(text="", mode=10 ** 400), 422, "resources.0.mode"),
-    (res(text="", sha256="z" * 64), 422, "resources.0.sha256"),
-    (res(text="a", sha256="0" * 64), 422, "resources.0.sha256"),
-    (res(text="", owner="me"), 422, "resources.0.owner"),
-    (res(text=5), 422, "resources.0.text"),
-    (res(text=None), 422, "resources.0"),
-    (res(), 422, "resources.0"),
-    ({"image": "ufaas-test/busybox", "command": ["echo", "\ud800"]}, 422, "command"),
-    ({"image": "ufaas-test/busybox", "command": "echo \udfff"}, 422, "command"),
-    ({"image": "\ud800", "command": ["true"]}, 422, "image"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "stdin": "\ud800"}, 422, "stdin"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "env": {"A": "\ud800"}}, 422, "env.A"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "env": {"\ud800": "1"}}, 422, "env"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "env": {"A": 1}}, 422, "env.A"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "env": ["A=1"]}, 422, "env"),
-    ({"image": "ufaas-test/busybox", "command": 5}, 422, "command"),
-    ({"image": "ufaas-test/busybox", "command": [1, 2]}, 422, "command"),
-    ({"image": "ufaas-test/busybox", "command": []}, 422, "command"),
-    ({"image": 5, "command": ["true"]}, 422, "image"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "resources": {}}, 422, "resources"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "resources": [5]}, 422, "resources.0"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "network": "yes"}, 422, "network"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "timeout": "5"}, 422, "timeout"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "timeout": 1e308}, 422, "timeout"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "timeout": -1e308}, 422, "timeout"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "timeout": 10 ** 400}, 422, "timeout"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "surprise": 1}, 422, "surprise"),
-    ({"image": "ufaas-test/busybox", "command": ["true"], "\ud800": 1}, 422, "spec: a field name"),
-    ([1, 2], 422, "spec"),
-    ("text", 422, "spec"),
+    (res(base64="!!!!"), "resources.0.base64"),
+    (res(base64="AAE"), "resources.0.base64"),
+    (res(base64="AA==\n"), "resources.0.base64"),
+    (res(base64="\u00e9AA="), "resources.0.base64"),
+    (res(text="\ud800"), "resources.0.text"),
+    (res(url="http://x/\ud800"), "resources.0.url"),
+    (res(text="", mode="0999"), "resources.0.mode"),
+    (res(text="", mode=10 ** 400), "resources.0.mode"),
+    (res(text="", sha256="z" * 64), "resources.0.sha256"),
+    (res(text="a", sha256="0" * 64), "resources.0.sha256"),
+    (res(text="", owner="me"), "resources.0.owner"),
+    (res(text=5), "resources.0.text"),
+    (res(text=None), "resources.0"),
+    (res(), "resources.0"),
+    (res(text="1", base64="AA=="), "resources.0"),
+    ({"image": "ufaas-test/busybox"}, "command"),
+    ({"image": "ufaas-test/busybox", "command": ["echo", "\ud800"]}, "command"),
+    ({"image": "ufaas-test/busybox", "command": "echo \udfff"}, "command"),
+    ({"image": "\ud800", "command": ["true"]}, "image"),
+    # The image is optional in the spec (a follow-up inherits one), not for a new function.
+    ({"command": ["true"]}, "image"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "stdin": "\ud800"}, "stdin"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "env": {"A": "\ud800"}}, "env.A"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "env": {"\ud800": "1"}}, "env"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "env": {"A": 1}}, "env.A"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "env": ["A=1"]}, "env"),
+    ({"image": "ufaas-test/busybox", "command": 5}, "command"),
+    ({"image": "ufaas-test/busybox", "command": [1, 2]}, "command"),
+    ({"image": "ufaas-test/busybox", "command": []}, "command"),
+    ({"image": 5, "command": ["true"]}, "image"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "resources": {}}, "resources"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "resources": [5]}, "resources.0"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "network": "yes"}, "network"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "timeout": "5"}, "timeout"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "timeout": 0}, "timeout"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "timeout": 10 ** 9}, "timeout"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "timeout": 1e308}, "timeout"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "timeout": -1e308}, "timeout"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "timeout": 10 ** 400}, "timeout"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "surprise": 1}, "surprise"),
+    ({"image": "ufaas-test/busybox", "command": ["true"], "\ud800": 1}, "spec: a field name"),
+    ([1, 2], "spec"),
+    ("text", "spec"),
 ]
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_BODIES,
+                         ids=[f"{i}-{field.split(':')[0]}" for i, (_, field) in
+                              enumerate(BAD_BODIES)])
+async def test_bad_body(client, body, field):
+    with trio.fail_after(CAP):
+        r = await refused(client, "POST", "/fn", status=422, content=json.dumps(body))
+        assert r.json()["error"].startswith(field), (field, r.json()["error"][:300])
+
 
 # Raw bodies that are not valid JSON at all, or that JSON decodes to something out of range.
 RAW_BODIES = [
@@ -121,78 +239,90 @@ RAW_BODIES = [
 ]
 
 
-async def nothing_recorded(client):
-    assert (await client.get("/fn?status=all")).json() == []
-
-
-async def test_bad_paths(start_server, make_config, images):
-    config = make_config(pools=[PoolConfig(image=images.busybox, min_idle=1, max=1)])
+@pytest.mark.parametrize(("raw", "status"), RAW_BODIES,
+                         ids=[f"{i}-{status}" for i, (_, status) in enumerate(RAW_BODIES)])
+async def test_raw_body(client, raw, status):
     with trio.fail_after(CAP):
-        client = await start_server(config)
-        for path in BAD_PATHS:
-            r = await client.post("/fn", content=json.dumps(res(path=path, text="x")))
-            assert r.status_code == 422, (path[:20], r.text[:300])
-            assert r.json()["error"].startswith("resources.0.path: "), r.json()["error"][:200]
-        for paths in (["a", "a/b"], ["a/b", "a"], ["a", "a"], ["a/b/c", "a/b"]):
-            body = res(text="x")
-            body["resources"] = [{"path": p, "text": "x"} for p in paths]
-            r = await client.post("/fn", json=body)
-            assert r.status_code == 422 and r.json()["error"].startswith("resources: "), r.text
-            assert all(p in r.json()["error"] for p in set(paths)) or "twice" in r.text
-        await nothing_recorded(client)
+        await refused(client, "POST", "/fn", status=status, content=raw)
+
+
+# Sizes: the body, the number of resources, one file, all files together.
+
+
+async def test_body_too_large(client, images):
+    with trio.fail_after(CAP):
+        await refused(client, "POST", "/fn", status=413,
+                      json=fn(images.busybox, ["true"], stdin="x" * MiB))
+
+
+async def test_too_many_resources(client, images):
+    with trio.fail_after(CAP):
+        many = fn(images.busybox, ["true"],
+                  resources=[{"path": f"f{i}", "text": ""} for i in range(10_000)])
+        r = await refused(client, "POST", "/fn", status=422, json=many)
+        assert r.json()["error"] == "resources: 10000 resources: at most 256 are allowed"
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"text": "x" * (64 * 1024 + 1)}, "resources.0.text"),
+    ({"base64": "AAAA" * (64 * 1024 // 3 + 1)}, "resources.0.base64"),
+], ids=["text", "base64"])
+async def test_file_too_large(client, fields, field):
+    with trio.fail_after(CAP):
+        r = await refused(client, "POST", "/fn", status=422, json=res(**fields))
+        assert r.json()["error"].startswith(field), r.text[:300]
+
+
+async def test_files_too_large_together(client, images):
+    with trio.fail_after(CAP):
+        five = fn(images.busybox, ["true"],
+                  resources=[{"path": f"f{i}", "text": "x" * 60_000} for i in range(5)])
+        r = await refused(client, "POST", "/fn", status=422, json=five)
+        assert "bytes of embedded content" in r.json()["error"]
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("POST", "/fn/x?strict=maybe", 400), ("POST", "/nowhere", 404), ("PATCH", "/fn", 405),
+    ("GET", "/pools", 200)])
+async def test_unread_body_does_not_stall_the_connection(client, method, path, status):
+    """A body the server answers without reading must not stall the next request on the
+    same connection: the server closes it instead."""
+    with trio.fail_after(CAP):
+        r = await client.request(method, path, content=b"x" * 500_000)
+        assert r.status_code == status, r.text
+        assert r.headers["connection"] == "close"
+        if status == 200:
+            assert isinstance(r.json(), list)
+        else:
+            assert r.json()["error"]
+        r = await client.get("/fn")
+        assert r.status_code == 200 and r.json() == [], r.text
+
+
+# Query strings: huge and odd numbers are refused, naming the parameter.
+@pytest.mark.parametrize("query", [
+    "limit=1e30", f"limit={10 ** 30}", "limit=0", "limit=-1", "limit=nan", "wait=1e308",
+    "wait=inf", "wait=-1", f"wait={10 ** 400}"], ids=lambda query: query[:16])
+async def test_bad_query(client, query):
+    with trio.fail_after(CAP):
+        path = "/fn" if query.startswith("limit") else f"/fn/{uuid.uuid4()}"
+        r = await refused(client, "GET", f"{path}?{query}", status=400)
+        assert repr(query.split("=")[0]) in r.json()["error"]
+
+
+@pytest.mark.parametrize("query", ["wait=abc", "wait=1e308"])
+async def test_refused_query_queues_nothing(client, images, query):
+    with trio.fail_after(CAP):
+        await refused(client, "POST", f"/fn?{query}", status=400, json=fn(images.busybox, ["true"]))
+
+
+async def test_refused_input_leaves_nothing_behind(client, images):
+    """Run after the cases above (pytest keeps the order of a module): nothing any of them
+    sent was written, and the server serves."""
+    with trio.fail_after(CAP):
         rec = await run(client, fn(images.busybox, "for p in /x /etc/x /tmp/x /tmp/ufaas/x; "
                                    "do test -e $p && echo found $p; done; echo clean"))
         assert rec["stdout"] == "clean\n", brief(rec)
-        await still_serves(client, images.busybox)
-
-
-async def test_bad_values(start_server, make_config, images):
-    config = make_config(max_body=MiB, max_file_bytes=64 * 1024, max_total_bytes=256 * 1024,
-                         pools=[PoolConfig(image=images.busybox, min_idle=1, max=1)])
-    with trio.fail_after(CAP):
-        client = await start_server(config)
-        for body, status, field in BAD_BODIES:
-            r = await client.post("/fn", content=json.dumps(body))
-            assert r.status_code == status, (body, r.text[:300])
-            assert r.json()["error"].startswith(field), (field, r.json()["error"][:300])
-        for raw, status in RAW_BODIES:
-            r = await client.post("/fn", content=raw)
-            assert r.status_code == status, (raw[:80], r.text[:300])
-            assert r.json()["error"]
-        # Sizes: the body, the number of resources, one file, all files together.
-        r = await client.post("/fn", json=fn(images.busybox, ["true"], stdin="x" * MiB))
-        assert r.status_code == 413 and r.json()["error"]
-        many = fn(images.busybox, ["true"],
-                  resources=[{"path": f"f{i}", "text": ""} for i in range(10_000)])
-        r = await client.post("/fn", json=many)
-        assert r.status_code == 422, r.text[:300]
-        assert r.json()["error"] == "resources: 10000 resources: at most 256 are allowed"
-        for fields, field in (({"text": "x" * (64 * 1024 + 1)}, "resources.0.text"),
-                              ({"base64": "AAAA" * (64 * 1024 // 3 + 1)}, "resources.0.base64")):
-            r = await client.post("/fn", json=res(**fields))
-            assert r.status_code == 422 and r.json()["error"].startswith(field), r.text[:300]
-        five = fn(images.busybox, ["true"],
-                  resources=[{"path": f"f{i}", "text": "x" * 60_000} for i in range(5)])
-        r = await client.post("/fn", json=five)
-        assert r.status_code == 422 and "bytes of embedded content" in r.json()["error"]
-        # A body refused unread must not stall the next request on the same connection.
-        for method, path in (("POST", "/fn/x?strict=maybe"), ("POST", "/nowhere"),
-                             ("PATCH", "/fn"), ("GET", "/pools")):
-            r = await client.request(method, path, content=b"x" * 500_000)
-            assert r.status_code in (200, 400, 404, 405), r.text
-            assert (await client.get("/fn")).status_code == 200
-        # Query strings: huge and odd numbers are refused, naming the parameter.
-        for query in ("limit=1e30", f"limit={10 ** 30}", "limit=0", "limit=-1", "limit=nan",
-                      "wait=1e308", "wait=inf", "wait=-1", f"wait={10 ** 400}"):
-            path = "/fn" if query.startswith("limit") else f"/fn/{uuid.uuid4()}"
-            r = await client.get(f"{path}?{query}")
-            assert r.status_code == 400, (query, r.text)
-            assert repr(query.split("=")[0]) in r.json()["error"]
-        # A refused query must not queue the function anyway.
-        for query in ("wait=abc", "wait=1e308"):
-            r = await client.post(f"/fn?{query}", json=fn(images.busybox, ["true"]))
-            assert r.status_code == 400, r.text
-        await nothing_recorded(client)
         # An explicit null is the same as a field not given.
         rec = await run(client, res(text="x", base64=None, url=None, sha256=None))
         assert rec["status"] == "succeeded", brief(rec)
@@ -226,7 +356,7 @@ async def test_url_resources(start_server, make_config, images, site):
             r = await client.post("/fn", json=res(url=url))
             assert r.status_code == 422, (url, r.text)
             assert r.json()["error"].startswith("resources.0.url: "), r.text
-        await nothing_recorded(client)
+        assert await recorded(client) == []
         cases = {
             "/big": "larger than the limit of 4096 bytes",
             "/big-unsized": "larger than the limit of 4096 bytes",
@@ -511,43 +641,6 @@ async def test_every_container_is_hardened(start_server, make_config, images, do
 
 
 # -- fuzz --------------------------------------------------------------------------------
-
-
-class ThreadedServer:
-    """The real server in a thread with its own ``trio.run``, for sync tests (hypothesis)."""
-
-    def __init__(self, config, *, instance, labels):
-        self._args = (config, instance, labels)
-        self._ready: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
-
-    async def _main(self):
-        from ufaas.server import serve
-
-        config, instance, labels = self._args
-        stop = trio.Event()
-        try:
-            async with trio.open_nursery() as nursery:
-                url = await nursery.start(functools.partial(
-                    serve, config, shutdown_trigger=stop.wait, instance=instance,
-                    labels=labels))
-                self._ready.put((url, trio.lowlevel.current_trio_token(), stop))
-        except BaseException as exc:
-            self._ready.put(exc)
-            raise
-
-    def __enter__(self):
-        self._thread.start()
-        got = self._ready.get(timeout=CAP)
-        if isinstance(got, BaseException):
-            raise got
-        self.url, self._token, self._stop = got
-        return self
-
-    def __exit__(self, *exc_info):
-        trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-        self._thread.join(CAP)
-        assert not self._thread.is_alive(), "the server did not stop"
 
 
 ODD = [None, True, False, 0, -1, 1.5, 10 ** 400, 1e308, -1e308, float("inf"), float("nan"),
