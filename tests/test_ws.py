@@ -57,6 +57,19 @@ def text(events, stream="stdout") -> str:
     return "".join(e["data"] for e in events if e["event"] == stream)
 
 
+async def until_output(ws, fid, wanted: tuple[str, str]) -> list[dict]:
+    """Every event of ``fid`` until its stdout and stderr so far are ``wanted``."""
+    seen: list[dict] = []
+    while (text(seen), text(seen, "stderr")) != wanted:
+        event = await receive(ws)
+        if event.get("id") != fid:
+            continue
+        assert event["event"] != "exit", event
+        seen.append(event)
+        assert wanted[0].startswith(text(seen)) and wanted[1].startswith(text(seen, "stderr"))
+    return seen
+
+
 def py(images, code, **kw):
     return {"image": images.python, "command": ["python3", "-u", "-c", code], **kw}
 
@@ -87,42 +100,47 @@ async def test_first_line_is_live(start_server, python_config, images):
 
 
 async def test_late_watchers_get_replay_then_the_rest(start_server, python_config, images):
-    # Many small writes on both streams, over about two seconds.
+    # Many small writes on both streams, over about two seconds; halfway the function waits
+    # for a line of stdin, so a watcher joins with one half out and the other to come.
     code = ("import sys, time\n"
-            "for i in range(1500):\n"
-            "    print(f'line {i} é', flush=True)\n"
-            "    if i % 7 == 0: print(f'err {i}', file=sys.stderr, flush=True)\n"
-            "    if i % 50 == 0: time.sleep(0.05)\n")
-    expected = "".join(f"line {i} é\n" for i in range(1500))
-    expected_err = "".join(f"err {i}\n" for i in range(0, 1500, 7))
+            "def write(lines):\n"
+            "    for i in lines:\n"
+            "        print(f'line {i} é', flush=True)\n"
+            "        if i % 7 == 0: print(f'err {i}', file=sys.stderr, flush=True)\n"
+            "        if i % 50 == 0: time.sleep(0.05)\n"
+            "write(range(700))\n"
+            "sys.stdin.readline()\n"
+            "write(range(700, 1500))\n")
+
+    def out(lines):
+        return ("".join(f"line {i} é\n" for i in lines),
+                "".join(f"err {i}\n" for i in lines if i % 7 == 0))
+
+    expected, half = out(range(1500)), out(range(700))
     with trio.fail_after(60):
         client = await start_server(python_config())
         async with connect(client) as first, connect(client) as late:
             fid = await run(first, py(images, code))
-            joined = trio.Event()
-
-            async def join_midway(event):
-                if not joined.is_set() and "line 700" in event.get("data", ""):
-                    joined.set()
-                    await send(late, op="watch", id=fid)
-
-            from_start = await until_exit(first, fid, join_midway)
-            midway = await until_exit(late, fid)
-        assert joined.is_set()
+            before = await until_output(first, fid, half)
+            await send(late, op="watch", id=fid)
+            replay = await until_output(late, fid, half)
+            await send(first, op="stdin", id=fid, data="go\n")
+            after_first = await until_exit(first, fid)
+            after_late = await until_exit(late, fid)
         async with connect(client) as after:
             await send(after, op="watch", id=fid)
             afterwards = await until_exit(after, fid)
-    for events in (from_start, midway, afterwards):
-        assert text(events) == expected
-        assert text(events, "stderr") == expected_err
+    # The late watcher got a replay of the first half, then the very events the first
+    # watcher got from then on: nothing missed, nothing twice.
+    assert replay[0] == {"event": "status", "id": fid, "status": "running"}
+    assert after_late == after_first
+    for events in (before + after_first, replay + after_late, afterwards):
+        assert (text(events), text(events, "stderr")) == expected
         assert events[-1]["status"] == "succeeded"
-    assert midway[0] == {"event": "status", "id": fid, "status": "running"}
-    assert 0 < len([e for e in midway if e["event"] == "stdout"]) < len(
-        [e for e in from_start if e["event"] == "stdout"])
     # A finished function replays its final status, output and exit.
     assert afterwards[0] == {"event": "status", "id": fid, "status": "succeeded"}
     record = (await client.get(f"/fn/{fid}")).json()
-    assert record["stdout"] == expected
+    assert record["stdout"] == expected[0]
 
 
 async def test_interactive_stdin(start_server, python_config, images):
