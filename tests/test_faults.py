@@ -437,16 +437,20 @@ async def test_output_flood(start_server, make_config, image):
         await still_serves(client, image, after=rec)
 
 
-async def test_sigterm_ignored(start_server, make_config, image):
+async def test_sigterm_ignored(start_server, make_config, image, docker_client):
     config = make_config(pools=[PoolConfig(image=image, min_idle=1, max=1)])
     with trio.fail_after(CAP):
         client = await start_server(config)
         rec = await run(client, fn(image, 'trap "" TERM; sleep 100; echo slept', timeout=1))
-        # Killed at its deadline, not ended by its sleep; a run the runner could not end
-        # would be cancelled or an error once the runner's own grace is over.
+        # Ended at its deadline, not by its sleep (through the agent, a run not ended at
+        # its deadline is cancelled or an error once the runner's own grace is over).
         assert rec["status"] == "timeout" and rec["error"] is None, brief(rec)
         assert "slept" not in rec["stdout"], brief(rec)
         await still_serves(client, image, after=rec)
+        # A timed-out container is replaced: it goes, and its processes with it.
+        while await trio.to_thread.run_sync(lambda: docker_client.containers.list(
+                all=True, filters={"id": rec["container"]})):
+            await trio.sleep(0.05)
 
 
 async def test_background_processes_do_not_survive(start_server, make_config, image, images):
