@@ -1,31 +1,49 @@
-"""The in-container agent: started once per warm container, then runs functions on request.
+"""The in-container agent: a pool container's main process, it runs functions on request.
 
 Stdlib only, Python >= 3.7, because it runs under whatever python3 the image has. Its
 source travels as ``python3 -c`` text, so this module must import nothing from ``pool``.
 Wire format both ways: ``>II`` (header length, body length), a JSON header, raw body bytes.
 One thread, one selector loop: host messages, the function's pipes, its exit (a pidfd) and
 its deadline are all events, so a run costs no thread and no polling.
+
+The agent runs as root with only SETUID, SETGID and KILL; functions run as the pool's user
+(``--user``) with none, so a function can neither signal, trace nor read the agent. All
+file work in a function's places is done as that user. Its stdin is the host's stream:
+when it ends, whoever ended it, the agent kills everything and exits, and so does the
+container.
 """
 
+import contextlib
+import ctypes
 import json
 import os
 import selectors
 import shutil
 import signal
+import stat
 import struct
-import subprocess
 import sys
 import threading
 import time
 
 HEAD = struct.Struct(">II")
 CHUNK = 65536
-# The parent of every working directory: write+search but no read for its owner, so a
-# function cannot list its siblings by accident (best effort: same uid could chmod it).
+# The parent of every working directory: owned by root, mode 1733 (set by its tmpfs):
+# a function can make its own working directory but neither list nor touch another's.
 ROOT = os.environ.get("UFAAS_ROOT", "/tmp/ufaas")
-# World-writable places a function may leave files in, outside its working directory.
-TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# The writable places a function may leave something in, outside its working directory.
+TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue")
 IN_CONTAINER = "--in-pool-container"
+# How long the pipes of a function that has exited may stay open (held by what it left).
+DRAIN = 2.0
+_libc = ctypes.CDLL(None, use_errno=True)
+# SysV IPC: /proc lists each kind, and IPC_RMID removes one by id.
+_IPC_RMID = 0
+_SYSV = (("/proc/sysvipc/shm", lambda i: _libc.shmctl(i, _IPC_RMID, None)),
+         ("/proc/sysvipc/sem", lambda i: _libc.semctl(i, 0, _IPC_RMID)),
+         ("/proc/sysvipc/msg", lambda i: _libc.msgctl(i, _IPC_RMID, None)))
+_PR_SET_DUMPABLE = 4
+_PR_SET_CHILD_SUBREAPER = 36
 
 _out = sys.stdout.buffer
 _out_lock = threading.Lock()
@@ -93,9 +111,7 @@ def write_files(workdir_fd, files, body):
                 os.unlink(parts[-1], dir_fd=fd)
             except FileNotFoundError:
                 pass
-            except IsADirectoryError:
-                raise Refused("%s: is a directory" % spec["path"])
-            except PermissionError:
+            except (IsADirectoryError, PermissionError):
                 raise Refused("%s: is a directory" % spec["path"])
             out = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                           spec["mode"] & 0o777, dir_fd=fd)
@@ -139,31 +155,109 @@ def disk_low():
     return os.path.ismount(ROOT) and st.f_bavail * 8 < st.f_blocks
 
 
-def other_pids(protected):
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            pid = int(name)
-            if pid not in protected:
-                pids.append(pid)
-    return pids
+def pids():
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def real_uid(pid):
+    """The real uid of process ``pid`` (whatever it made of its dumpability), or None."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def which(command, path, cwd):
+    """The file ``command`` names, searched in ``path`` (bytes) as exec would."""
+    if b"/" in command:
+        return command
+    for directory in (path or b"/usr/local/bin:/usr/bin:/bin").split(b":"):
+        candidate = os.path.join(cwd, directory or b".", command)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+class Identity:
+    """Who the functions run as, and how the agent acts as them.
+
+    With ``switch`` (the agent is root and the functions are not) file work in their places
+    is done as their uid, and they are spawned with their uid and gid. Otherwise (the agent
+    run by hand, or functions as root) everything runs as the agent.
+    """
+
+    def __init__(self, user):
+        uid, _, gid = (user or "").partition(":")
+        self.uid = int(uid) if uid else os.getuid()
+        self.gid = int(gid or uid) if uid else os.getgid()
+        self.switch = os.geteuid() == 0 and self.uid != 0
+        if self.switch:
+            os.setgroups([])
+            # The real gid is the functions' for good: a spawn with resetids hands it over.
+            os.setresgid(self.gid, 0, 0)
+            # Nothing of the agent may be read through /proc, core dumps included.
+            _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+    @contextlib.contextmanager
+    def acting(self):
+        """Act as the functions' user: what is made is theirs, what is refused to them is
+        refused to us."""
+        if not self.switch:
+            yield
+            return
+        os.setegid(self.gid)
+        os.seteuid(self.uid)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+
+    def spawn(self, path, argv, env, cwd, fds):
+        """Start a function: ``fds`` become its stdin, stdout and stderr; it leads a session
+        of its own. Uses vfork (posix_spawn): the agent's memory is never copied."""
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
+        with self.acting():
+            os.chdir(cwd)  # checked as the user: the working directory is theirs alone
+        try:
+            if self.switch:
+                # No process of the user exists now (the last function's were killed): for
+                # the instant of the spawn, the agent's real uid can be theirs, which the
+                # child takes as its own (resetids) on its way to exec.
+                os.setresuid(self.uid, 0, 0)
+            try:
+                return os.posix_spawn(
+                    path, argv, env, file_actions=actions, setsid=True,
+                    resetids=self.switch, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+            finally:
+                if self.switch:
+                    os.setresuid(0, 0, 0)
+        finally:
+            os.chdir("/")
+
+    def owns(self, pid):
+        """Whether process ``pid`` is a function's (when the agent cannot tell by uid: every
+        process it did not see at its start)."""
+        return real_uid(pid) == self.uid if self.switch else None
 
 
 class Agent:
-    def __init__(self):
+    def __init__(self, user):
         self.me = os.getpid()
-        # Everything alive now (init, the keep-alive command, us) survives clean-ups.
-        self.protected = set(other_pids(())) | {1, self.me}
+        self.id = Identity(user)
+        # Unprivileged (by hand, or functions as root): everything alive now survives.
+        self.protected = set(pids()) | {1, self.me}
         self.runs = {}
+        self.workdirs = set()
         self.sel = selectors.DefaultSelector()
         self.env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
         self.inbox = bytearray()
         self.open = True
-        os.makedirs(ROOT, exist_ok=True)
-        try:
-            os.chmod(ROOT, 0o311)
-        except OSError:
-            pass
+        self.in_container = IN_CONTAINER in sys.argv[1:]
 
     def serve(self):
         stdin = sys.stdin.buffer.raw.fileno()
@@ -188,7 +282,7 @@ class Agent:
                 except Exception as exc:
                     run.abort(exc)
         # The host went away: nothing we run may outlive the connection.
-        self.kill_others()
+        self.kill_functions()
 
     def on_host(self, fd, events):
         try:
@@ -226,58 +320,102 @@ class Agent:
                 run.cancel()
         elif op == "hello":
             send({"ev": "hello", "pid": self.me, "python": list(sys.version_info[:3]),
-                  "oom": oom_kills() is not None})
+                  "oom": oom_kills() is not None, "uid": self.id.uid,
+                  "separate": self.id.switch})
         else:
             send({"ev": "error", "message": "unknown op %r" % op})
 
-    def wipe_temp(self):
-        """Empty the shared temporary directories: only a working directory outlives a run.
+    # -- places ----------------------------------------------------------------------------
 
-        Only inside a pool's container (the pool passes IN_CONTAINER), and only what our
-        own uid owns: run anywhere else, by hand or in a test, the agent deletes nothing.
-        """
-        if IN_CONTAINER not in sys.argv[1:]:
-            return
-        uid = os.getuid()
-        for top in TEMP_DIRS:
+    def workdir(self, token):
+        """The working directory ``token`` names, made (as the user) if it is new."""
+        token = os.path.basename(token)
+        path = os.path.join(ROOT, token)
+        with self.id.acting():
             try:
-                names = os.listdir(top)
-            except OSError:
-                continue
-            for name in names:
-                path = os.path.join(top, name)
-                if path == ROOT:
-                    continue
-                try:
-                    if os.lstat(path).st_uid != uid:
-                        continue
-                    if os.path.isdir(path) and not os.path.islink(path):
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        os.unlink(path)
-                except OSError:
-                    pass  # not ours to delete (another user's, or the image's own)
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:  # a symlink or a file that a function left in its place
+                raise Refused("the working directory is not a directory of its own")
+        self.workdirs.add(token)
+        return path, fd
 
     def drop(self, token):
-        shutil.rmtree(os.path.join(ROOT, os.path.basename(token)), ignore_errors=True)
+        token = os.path.basename(token)
+        self.workdirs.discard(token)
+        with self.id.acting():
+            _remove(os.path.join(ROOT, token))
 
-    def kill_others(self):
-        """SIGKILL every process but the protected ones; True when none is left."""
+    def clean(self):
+        """After a function: none of its processes left, nothing of it outside its working
+        directory. True when that holds."""
+        clean = self.kill_functions()
+        if not self.in_container:
+            return clean  # by hand or in a test, the agent deletes nothing
+        with self.id.acting():
+            for top in TEMP_DIRS:
+                try:
+                    names = os.listdir(top)
+                except OSError:
+                    continue
+                for name in names:
+                    path = os.path.join(top, name)
+                    if path != ROOT:
+                        _remove(path)
+            try:
+                strays = [n for n in os.listdir(ROOT) if n not in self.workdirs]
+            except OSError:
+                strays = []
+            for name in strays:  # made by a function beside its own working directory
+                _remove(os.path.join(ROOT, name))
+            clean = self.remove_ipc() and clean
+        return clean
+
+    def remove_ipc(self):
+        """Remove every SysV shared memory segment, semaphore set and message queue (as the
+        user: only theirs can go, and no other user runs here). True when none is left."""
+        left = False
+        for path, remove in _SYSV:
+            try:
+                with open(path) as f:
+                    next(f, None)  # the header
+                    ids = [int(line.split()[1]) for line in f if line.strip()]
+            except (OSError, ValueError, IndexError):
+                continue
+            for ipc_id in ids:
+                if remove(ipc_id) != 0:
+                    left = True
+        return not left
+
+    def kill_functions(self):
+        """SIGKILL every process of the functions; True when none is left."""
         for _ in range(50):
-            pids = other_pids(self.protected)
-            if not pids:
+            mine = self.function_pids()
+            if not mine:
                 return True
-            for pid in pids:
+            for pid in mine:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
             self.reap()
-            pids = other_pids(self.protected)
-            if not pids:
+            if not self.function_pids():
                 return True
             time.sleep(0.005)
-        return not other_pids(self.protected)
+        return not self.function_pids()
+
+    def function_pids(self):
+        found = []
+        for pid in pids():
+            if pid in self.protected:
+                continue
+            owned = self.id.owns(pid)
+            if owned or owned is None:
+                found.append(pid)
+        return found
 
     def reap(self):
         # Orphans of our functions are re-parented to us: we are their child subreaper.
@@ -290,13 +428,36 @@ class Agent:
                 return
 
 
+def _remove(path):
+    """Remove a file or a tree, as whoever we act as now; a directory the function made
+    unreadable is opened up first. Gone already, or not ours: nothing."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+
+    def unlock(func, failed, exc_info):
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed) or failed, 0o700)
+            os.chmod(failed, 0o700)
+            func(failed)
+
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    shutil.rmtree(path, onerror=unlock)
+
+
 class Run:
     def __init__(self, agent, header, body):
         self.agent = agent
         self.id = header["id"]
         self.header = header
         self.body = body
-        self.proc = None
+        self.pid = None
         self.pidfd = None
         self.status = None
         self.cancelled = False
@@ -325,33 +486,37 @@ class Run:
             return self.finish({"refused": str(exc), "clean": True})
         except Exception as exc:
             return self.finish({"error": "%s: %s" % (type(exc).__name__, exc),
-                                "clean": self.agent.kill_others()})
-        # Bytes, from a copy encoded once: Popen would encode every variable on every run.
+                                "clean": self.agent.kill_functions()})
+        # Bytes, from a copy encoded once: encoding every variable on every run costs.
         env = dict(self.agent.env)
         for key, value in (("UFAAS_WORKDIR", workdir), ("HOME", workdir), ("PWD", workdir),
                            *(h.get("env") or {}).items()):
             env[os.fsencode(key)] = os.fsencode(value)
+        argv = [os.fsencode(a) for a in h["argv"]]
+        path = which(argv[0], env.get(b"PATH"), os.fsencode(workdir))
+        if path is None:
+            return self.failed_to_start(127, "%s: not found" % h["argv"][0])
+        stdin_r, stdin_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         self.oom_before = oom_kills()
         self.started = time.monotonic()
         try:
-            self.proc = subprocess.Popen(
-                h["argv"], cwd=workdir, env=env, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                close_fds=True,
-            )
+            self.pid = self.agent.id.spawn(path, argv, env, workdir, (stdin_r, out_w, err_w))
         except OSError as exc:
-            message = "%s: %s\n" % (h["argv"][0], exc.strerror)
-            send({"ev": "out", "id": self.id, "fd": 2}, message.encode())
+            for fd in (stdin_r, stdin_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
             code = 127 if isinstance(exc, FileNotFoundError) else 126
-            return self.finish({"exit_code": code, "signal": None, "duration_ms": 0.0,
-                                "clean": True})
+            return self.failed_to_start(code, "%s: %s" % (h["argv"][0], exc.strerror))
+        for fd in (stdin_r, out_w, err_w):
+            os.close(fd)
         sel = self.agent.sel
-        for fd, pipe in ((1, self.proc.stdout), (2, self.proc.stderr)):
-            os.set_blocking(pipe.fileno(), False)
-            self.pipes[pipe.fileno()] = (fd, pipe)
-            sel.register(pipe.fileno(), selectors.EVENT_READ, self.on_output)
-        self.stdin_fd = self.proc.stdin.fileno()
-        os.set_blocking(self.stdin_fd, False)
+        for stream, fd in ((1, out_r), (2, err_r)):
+            os.set_blocking(fd, False)
+            self.pipes[fd] = stream
+            sel.register(fd, selectors.EVENT_READ, self.on_output)
+        self.stdin_fd = stdin_w
+        os.set_blocking(stdin_w, False)
         self.watch_exit()
         if h.get("timeout") is not None:
             self.deadline = self.started + h["timeout"]
@@ -361,24 +526,23 @@ class Run:
         if self.cancelled:
             self.kill()
 
+    def failed_to_start(self, code, message):
+        send({"ev": "out", "id": self.id, "fd": 2}, (message + "\n").encode())
+        return self.finish({"exit_code": code, "signal": None, "duration_ms": 0.0,
+                            "clean": True})
+
     def prepare(self, h):
-        token = os.path.basename(h["workdir"])
-        workdir = os.path.join(ROOT, token)
+        workdir, wfd = self.agent.workdir(h["workdir"])
         try:
-            os.mkdir(workdir, 0o700)
-        except FileExistsError:
-            pass
-        wfd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            write_files(wfd, h.get("files", []), self.body)
+            with self.agent.id.acting():
+                write_files(wfd, h.get("files", []), self.body)
         finally:
             os.close(wfd)
         return workdir
 
     def watch_exit(self):
-        pid = self.proc.pid
         try:
-            self.pidfd = os.pidfd_open(pid)
+            self.pidfd = os.pidfd_open(self.pid)
             self.agent.sel.register(self.pidfd, selectors.EVENT_READ, self.on_exit)
             return
         except (AttributeError, OSError):
@@ -389,7 +553,7 @@ class Run:
         self.agent.sel.register(r, selectors.EVENT_READ, self.on_exit)
 
         def wait():
-            self.status = self.proc.wait()
+            self.status = _decode_status(os.waitpid(self.pid, 0)[1])
             os.write(w, b"x")
             os.close(w)
         threading.Thread(target=wait, daemon=True).start()
@@ -397,19 +561,17 @@ class Run:
     # -- events ----------------------------------------------------------------------------
 
     def feed(self, data, eof):
-        stdin = self.proc.stdin if self.proc is not None else None
-        if stdin is None or stdin.closed:
+        if self.stdin_fd is None:
             return
         self.stdin_buf += data
         self.stdin_eof = self.stdin_eof or eof
         self.flush_stdin()
 
     def flush_stdin(self, fd=None, events=None):
-        stdin = self.proc.stdin
-        if stdin.closed:
+        fileno = self.stdin_fd
+        if fileno is None:
             return
         sel = self.agent.sel
-        fileno = self.stdin_fd
         try:
             while self.stdin_buf:
                 n = os.write(fileno, self.stdin_buf[:CHUNK])
@@ -426,10 +588,17 @@ class Run:
             if registered:
                 sel.unregister(fileno)
             if self.stdin_eof:
-                stdin.close()
+                self.close_stdin()
+
+    def close_stdin(self):
+        if self.stdin_fd is not None:
+            if self.stdin_fd in self.agent.sel.get_map():
+                self.agent.sel.unregister(self.stdin_fd)
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
 
     def on_output(self, fileno, events):
-        fd, pipe = self.pipes[fileno]
+        fd = self.pipes[fileno]
         try:
             data = os.read(fileno, CHUNK)
         except BlockingIOError:
@@ -437,9 +606,7 @@ class Run:
         except OSError:
             data = b""
         if not data:
-            self.agent.sel.unregister(fileno)
-            del self.pipes[fileno]
-            pipe.close()
+            self.close_pipe(fileno)
             self.maybe_done()
             return
         room = self.cap - self.sent[fd]
@@ -452,21 +619,23 @@ class Run:
         self.sent[fd] += len(data)
         send({"ev": "out", "id": self.id, "fd": fd}, data)
 
+    def close_pipe(self, fileno):
+        self.agent.sel.unregister(fileno)
+        del self.pipes[fileno]
+        os.close(fileno)
+
     def on_exit(self, fileno, events):
         self.agent.sel.unregister(fileno)
         os.close(fileno)
         self.pidfd = None
         if self.status is None:
-            _, status = os.waitpid(self.proc.pid, 0)
-            self.proc.returncode = self.status = (
-                -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+            self.status = _decode_status(os.waitpid(self.pid, 0)[1])
         self.duration = (time.monotonic() - self.started) * 1000.0
         # Its group, and anything it left behind, may still hold our pipes: end every
         # process so the pipes reach EOF, and so nothing survives into the next function.
-        self.clean = self.agent.kill_others()
-        self.agent.wipe_temp()
+        self.clean = self.agent.clean()
         self.deadline = None
-        self.drain_until = time.monotonic() + 2.0
+        self.drain_until = time.monotonic() + DRAIN
         self.maybe_done()
 
     def wake_at(self):
@@ -481,19 +650,13 @@ class Run:
             self.kill()
         if self.drain_until is not None and now >= self.drain_until:
             for fileno in list(self.pipes):
-                self.agent.sel.unregister(fileno)
-                self.pipes.pop(fileno)[1].close()
+                self.close_pipe(fileno)
             self.maybe_done()
 
     def maybe_done(self):
-        if self.pidfd is not None or self.pipes or self.proc is None:
+        if self.pidfd is not None or self.pipes or self.pid is None:
             return
-        if self.stdin_fd in self.agent.sel.get_map():
-            self.agent.sel.unregister(self.stdin_fd)
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
+        self.close_stdin()
         status = self.status
         oom_after = oom_kills()
         self.finish({
@@ -516,7 +679,7 @@ class Run:
         for fileno in [self.pidfd, self.stdin_fd, *self.pipes]:
             if fileno is not None and fileno in sel.get_map():
                 sel.unregister(fileno)
-        self.agent.kill_others()
+        self.agent.kill_functions()
         self.finish({"error": "agent: %s: %s" % (type(exc).__name__, exc), "clean": False})
 
     def finish(self, fields):
@@ -531,25 +694,29 @@ class Run:
         self.kill()
 
     def kill(self):
-        if self.proc is not None and self.status is None:
+        if self.pid is not None and self.status is None:
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.pid, signal.SIGKILL)
             except OSError:
                 pass
 
 
-def become_subreaper():
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except Exception:
-        pass
+def _decode_status(status):
+    """A wait status as a return code: the exit code, or minus the signal."""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _option(name):
+    args = sys.argv[1:]
+    return args[args.index(name) + 1] if name in args[:-1] else None
 
 
 def main():
-    become_subreaper()
-    Agent().serve()
+    try:
+        _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except Exception:
+        pass
+    Agent(_option("--user")).serve()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ DEFAULT_THREADS = 8
 DEFAULT_CALL_TIMEOUT = 30.0
 DEFAULT_PULL_TIMEOUT = 600.0
 _FRAME = struct.Struct(">BxxxI")
+# The engine cuts a stream into frames of at most 32 KiB; anything bigger is not from it.
+MAX_FRAME = 1 << 20
 
 
 class EngineError(Exception):
@@ -36,6 +38,20 @@ class EngineError(Exception):
 
 class ImageMissing(EngineError):
     """The image is neither local nor pullable."""
+
+
+class CannotStart(EngineError):
+    """The image cannot run the container's command (say, it has no python3)."""
+
+
+class BadStream(EngineError):
+    """A stream from the engine broke its framing: whatever is at its other end is not to
+    be trusted any more."""
+
+
+def _cannot_start(message: str) -> bool:
+    return any(m in message for m in ("executable file not found", "no such file or directory",
+                                      "exec format error"))
 
 
 @dataclass(frozen=True)
@@ -132,14 +148,24 @@ class Engine:
 
     async def start_container(
         self, image: str, command: list[str], *, labels: Mapping[str, str], profile: Profile,
-        workdir_root: str,
-    ) -> str:
-        """Create and start a hardened container; return its id. Pulls a missing image."""
+        workdir_root: str, capabilities: Iterable[str] = (),
+    ) -> tuple[str, MuxStream]:
+        """Create and start a hardened container; return its id and its main process's
+        stdin, stdout and stderr. Pulls a missing image.
+
+        ``command`` runs as root with only ``capabilities``, on a read-only root with
+        size-capped tmpfs for every writable place. Its stdin is attached before the start
+        and closed by the engine when that stream ends, whoever ends it (this process
+        exiting, being killed, losing the engine): a command that exits at end-of-file
+        stops the container, and the engine then removes it (a dead-man's switch).
+        Raises CannotStart when the image cannot run ``command`` at all.
+        """
         api = await self.api()
         init = await self.has_init()
-        uid, _, gid = profile.user.partition(":")
+        temp = f"size={profile.tmp_size},mode=1777,exec,nosuid,nodev"
         host_config = api.create_host_config(
             cap_drop=["ALL"],
+            cap_add=list(capabilities) or None,
             security_opt=["no-new-privileges"],
             pids_limit=profile.pids,
             mem_limit=profile.memory,
@@ -147,16 +173,26 @@ class Engine:
             nano_cpus=int(profile.cpus * 1e9),
             network_mode="bridge" if profile.network else "none",
             init=init or None,
-            log_config=docker.types.LogConfig(type="json-file",
-                                              config={"max-size": "1m", "max-file": "1"}),
-            # Working directories live in a size-capped tmpfs: a function filling its disk
-            # fills its own memory budget, never the host's disk.
-            tmpfs={workdir_root: f"size={profile.workdir_size},uid={uid},gid={gid or uid},"
-                                 "mode=0311,exec"},
+            auto_remove=True,
+            # What the main process writes is the agent's stream, not a log to keep.
+            log_config=docker.types.LogConfig(type="none"),
+            # Nothing a function writes reaches the host's disk: the root is read-only and
+            # every writable place is a size-capped tmpfs, whose pages count against the
+            # container's memory limit (the per-container budget the kernel enforces).
+            read_only=True,
+            shm_size=profile.tmp_size,
+            tmpfs={
+                "/tmp": temp, "/var/tmp": temp, "/run": "size=1m,mode=0755,nosuid,nodev",
+                # Working directories: the root owns their parent; sticky, and not
+                # listable, so a function can make its own but not find or touch another's.
+                workdir_root: f"size={profile.workdir_size},uid=0,gid=0,mode=1733,exec,"
+                              "nosuid,nodev",
+            },
         )
         create = functools.partial(
-            api.create_container, image, command=command, labels=dict(labels),
-            user=profile.user, host_config=host_config, network_disabled=not profile.network,
+            api.create_container, image, command=command, labels=dict(labels), user="0:0",
+            # Not detached, so docker-py also sets StdinOnce: stdin closes when we let go.
+            host_config=host_config, network_disabled=not profile.network, stdin_open=True,
         )
         try:
             created = await self.call(create)
@@ -165,12 +201,20 @@ class Engine:
             created = await self.call(create)
         cid = created["Id"]
         try:
-            await self.call(api.start, cid)
-        except BaseException:
+            stream = await self.attach_open(cid)
+            try:
+                await self.call(api.start, cid)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise
+        except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await self.remove(cid)
+            if isinstance(exc, EngineError) and _cannot_start(str(exc)):
+                raise CannotStart(str(exc)) from exc
             raise
-        return cid
+        return cid, stream
 
     async def pull(self, image: str) -> None:
         repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
@@ -223,18 +267,28 @@ class Engine:
         api = await self.api()
         return await self.call(api.exec_inspect, exec_id)
 
-    async def exec_open(self, exec_id: str, timeout: float | None = None) -> ExecStream:
+    async def exec_open(self, exec_id: str, timeout: float | None = None) -> MuxStream:
         """Start an exec and return its stdin/stdout/stderr as one held-open stream."""
+        return await self._hijack(f"/exec/{exec_id}/start", b'{"Detach":false,"Tty":false}',
+                                  timeout)
+
+    async def attach_open(self, cid: str, timeout: float | None = None) -> MuxStream:
+        """Attach to a container's main process: its stdin/stdout/stderr as one stream."""
+        return await self._hijack(f"/containers/{cid}/attach?stream=1&stdin=1&stdout=1"
+                                  "&stderr=1", b"", timeout)
+
+    async def _hijack(self, path: str, body: bytes, timeout: float | None) -> MuxStream:
+        """An HTTP request upgraded to a raw stream, done on a trio socket we own."""
         await self.api()
         self._calls += 1
         with trio.fail_after(timeout or self.call_timeout):
             stream = await self._connect()
             try:
-                body = b'{"Detach":false,"Tty":false}'
                 request = (
-                    f"POST /v{self._api_version}/exec/{exec_id}/start HTTP/1.1\r\n"
+                    f"POST /v{self._api_version}{path} HTTP/1.1\r\n"
                     "Host: docker\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
+                    f"Content-Length: {len(body)}\r\n"
+                    "Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
                 ).encode() + body
                 await stream.send_all(request)
                 head, rest = await _read_head(stream)
@@ -247,8 +301,8 @@ class Engine:
         if len(parts) < 2 or parts[1] not in ("101", "200"):
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
-            raise EngineError(f"exec start refused: {status_line} {rest[:200]!r}")
-        return ExecStream(stream, rest)
+            raise EngineError(f"{path.split('?')[0]} refused: {status_line} {rest[:200]!r}")
+        return MuxStream(stream, rest)
 
     async def _connect(self) -> trio.abc.Stream:
         url = urllib.parse.urlsplit(self.base_url)
@@ -299,16 +353,21 @@ class _SendLock:
         self._waiting.unpark()
 
 
-class ExecStream:
-    """An exec's stdin (send) and its multiplexed stdout/stderr (receive).
+class MuxStream:
+    """An exec's or an attached process's stdin (send) and its multiplexed stdout/stderr
+    (receive).
 
-    ``receive()`` returns ``(fd, data)`` with fd 1 or 2, or ``None`` at end of stream.
+    ``receive()`` returns ``(fd, data)`` with fd 1 or 2, or ``None`` at end of stream; a
+    frame that is not one of those, or claims more than ``max_frame`` bytes, raises
+    BadStream before anything is allocated for it.
     """
 
-    def __init__(self, stream: trio.abc.Stream, buffered: bytes = b"") -> None:
+    def __init__(self, stream: trio.abc.Stream, buffered: bytes = b"", *,
+                 max_frame: int = MAX_FRAME) -> None:
         self._stream = stream
         self._buf = bytearray(buffered)
         self._send_lock = _SendLock()
+        self.max_frame = max_frame
 
     async def send(self, data: bytes) -> None:
         async with self._send_lock:
@@ -323,6 +382,9 @@ class ExecStream:
         while True:
             if len(self._buf) >= _FRAME.size:
                 fd, size = _FRAME.unpack_from(self._buf)
+                if fd not in (1, 2) or size > self.max_frame:
+                    raise BadStream(f"the engine's stream sent a frame for fd {fd} of "
+                                    f"{size} bytes")
                 if len(self._buf) >= _FRAME.size + size:
                     data = bytes(self._buf[_FRAME.size:_FRAME.size + size])
                     del self._buf[:_FRAME.size + size]

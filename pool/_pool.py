@@ -8,6 +8,7 @@ them, watches them, hands them out as leases, and removes every one of them on t
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import math
@@ -20,8 +21,10 @@ from typing import Any
 
 import trio
 
-from ._docker import Engine, EngineError, ImageMissing
+from ._docker import CannotStart, Engine, EngineError, ImageMissing
 from ._runner import (
+    AGENT_CAPABILITIES,
+    LIFELINE,
     WORKDIR_ROOT,
     AgentRunner,
     ContainerLost,
@@ -29,12 +32,12 @@ from ._runner import (
     NoAgent,
     OnOutput,
     Stdin,
+    agent_argv,
 )
 from ._types import Job, Place, Profile, Result
 
 log = logging.getLogger("pool")
 
-KEEPALIVE = ["sleep", "2147483647"]
 DEFAULT_MIN_IDLE = 1
 DEFAULT_MAX = 4
 DEFAULT_IDLE_TTL = 300.0
@@ -455,22 +458,8 @@ class Pool:
                 backoff = 0.0
 
     async def _start_one(self) -> None:
-        cid = None
         try:
-            try:
-                cid = await self.engine.start_container(
-                    self.image, KEEPALIVE, labels=self.labels, profile=self.profile,
-                    workdir_root=WORKDIR_ROOT,
-                )
-                runner = await self._start_runner(cid)
-            except BaseException:
-                if cid is not None:
-                    with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-                        try:
-                            await self.engine.remove(cid)
-                        except EngineError:
-                            pass
-                raise
+            cid, runner = await self._start_container()
         except (EngineError, trio.TooSlowError, OSError, NoAgent) as exc:
             self._failed_starts += 1
             self._last_error = f"{type(exc).__name__}: {exc}"
@@ -495,22 +484,40 @@ class Pool:
         self._containers[cid] = c
         self._hand_over(c)
 
-    async def _start_runner(self, cid: str) -> AgentRunner | ExecRunner:
-        assert self._nursery is not None
+    async def _start_container(self) -> tuple[str, AgentRunner | ExecRunner]:
+        """A new container and its runner: the agent's, unless the pool runs by plain exec
+        (decided by its first container: an image that cannot run the agent)."""
         if self.mode in (None, "agent"):
-            agent = AgentRunner(self.engine, cid, on_lost=lambda: self._lost(cid))
             try:
-                await agent.start(self._nursery)
-                self.mode = "agent"
-                return agent
-            except NoAgent as exc:
+                return await self._start_with(agent=True)
+            except (CannotStart, NoAgent) as exc:
                 if self.mode == "agent":
                     raise
                 log.info("pool %s: no agent (%s); using plain exec", self.name, exc)
-        runner = ExecRunner(self.engine, cid)
-        await runner.start(self._nursery)
-        self.mode = "exec"
-        return runner
+        return await self._start_with(agent=False)
+
+    async def _start_with(self, *, agent: bool) -> tuple[str, AgentRunner | ExecRunner]:
+        assert self._nursery is not None
+        user = self.profile.user
+        cid, stream = await self.engine.start_container(
+            self.image, agent_argv(user) if agent else LIFELINE, labels=self.labels,
+            profile=self.profile, workdir_root=WORKDIR_ROOT,
+            capabilities=AGENT_CAPABILITIES if agent else ())
+        runner: AgentRunner | ExecRunner
+        if agent:
+            runner = AgentRunner(self.engine, cid, stream, on_lost=lambda: self._lost(cid))
+        else:
+            runner = ExecRunner(self.engine, cid, stream, user, on_lost=lambda: self._lost(cid))
+        try:
+            await runner.start(self._nursery)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                await stream.aclose()
+                with contextlib.suppress(EngineError):
+                    await self.engine.remove(cid)
+            raise
+        self.mode = "agent" if agent else "exec"
+        return cid, runner
 
     async def _watch_forever(self) -> None:
         """Notice dead containers (killed, engine restarted) and shrink idle ones."""

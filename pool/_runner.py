@@ -22,16 +22,23 @@ from typing import Protocol
 
 import trio
 
-from ._docker import Engine, EngineError, ExecStream
+from ._docker import Engine, EngineError, MuxStream
 from ._types import BadFile, File, Job, Result, check_files
 
 log = logging.getLogger("pool")
 
 WORKDIR_ROOT = "/tmp/ufaas"
 AGENT_SOURCE = (Path(__file__).with_name("_agent.py")).read_text()
-# The flag lets the agent do what only makes sense in a pool's container (wipe /tmp).
-AGENT_ARGV = ["python3", "-I", "-c", AGENT_SOURCE, "--in-pool-container"]
+# What the agent keeps of root: changing to the functions' uid and gid, and killing theirs.
+AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL")
+# The main process of a container without python3: it only waits for its stdin to end,
+# so that the container dies with its server (it is root, with no capability at all).
+LIFELINE = ["sh", "-c", "read _; exit 0"]
 _HEAD = struct.Struct(">II")
+# The agent's frames, bounded before anything is allocated for them: its headers are small
+# JSON, and it sends output in chunks of 64 KiB.
+MAX_HEADER = 65536
+MAX_BODY = 1 << 20
 # Beyond the function's own timeout, how long we wait for its end before calling the
 # container broken.
 KILL_GRACE = 3.0
@@ -43,8 +50,18 @@ OnOutput = Callable[[int, bytes], None]
 Stdin = trio.abc.ReceiveChannel[bytes]
 
 
+def agent_argv(user: str) -> list[str]:
+    """The agent as a pool container's command; the flag lets it do what only makes sense
+    there (empty /tmp after each function)."""
+    return ["python3", "-I", "-c", AGENT_SOURCE, "--in-pool-container", "--user", user]
+
+
 class NoAgent(Exception):
     """The image cannot run the agent (no python3): use plain exec instead."""
+
+
+class BadFrame(EngineError):
+    """The agent's stream broke its framing: the container is not to be trusted."""
 
 
 class ContainerLost(Exception):
@@ -109,13 +126,13 @@ class _AgentRun:
 
 
 class AgentRunner:
-    """Talks to the in-container agent over one held-open exec stream.
+    """Talks to the agent, the container's main process, over its attached stream.
 
     After ``start`` no Docker API call is made per function: a run is one message out
     and a few back.
     """
 
-    def __init__(self, engine: Engine, cid: str,
+    def __init__(self, engine: Engine, cid: str, stream: MuxStream,
                  on_lost: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.cid = cid
@@ -123,37 +140,37 @@ class AgentRunner:
         self.tainted = False
         self.on_lost = on_lost
         self.drops: list[str] = []
-        self._stream: ExecStream | None = None
-        self._exec_id = ""
+        self._stream = stream
         self._buf = bytearray()
         self._runs: dict[str, _AgentRun] = {}
         self.agent_stderr = bytearray()
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Start the agent; raise NoAgent when the image has no usable python3."""
-        with trio.fail_after(START_TIMEOUT):
-            self._exec_id = await self.engine.exec_create(self.cid, AGENT_ARGV)
-            self._stream = await self.engine.exec_open(self._exec_id)
-            await self._send({"op": "hello"})
-            hello = await self._next_frame()
+        """Greet the agent; raise NoAgent when it does not answer (no usable python3)."""
+        try:
+            with trio.fail_after(START_TIMEOUT):
+                await self._send({"op": "hello"})
+                hello = await self._next_frame()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            hello = None
+            self.agent_stderr += str(exc).encode()
         if hello is None or hello[0].get("ev") != "hello":
             await self._stream.aclose()
-            info = await self.engine.exec_inspect(self._exec_id)
-            raise NoAgent(f"agent did not start (exit {info.get('ExitCode')}): "
+            raise NoAgent("agent did not start: "
                           f"{bytes(self.agent_stderr[-300:]).decode(errors='replace')}")
         self.alive = True
         nursery.start_soon(self._read_forever)
 
     async def _send(self, header: dict, body: bytes = b"") -> None:
-        assert self._stream is not None
         data = json.dumps(header, separators=(",", ":")).encode()
         await self._stream.send(_HEAD.pack(len(data), len(body)) + data + body)
 
     async def _next_frame(self) -> tuple[dict, bytes] | None:
-        assert self._stream is not None
         while True:
             if len(self._buf) >= _HEAD.size:
                 hlen, blen = _HEAD.unpack_from(self._buf)
+                if hlen > MAX_HEADER or blen > MAX_BODY:
+                    raise BadFrame(f"the agent sent a frame of {hlen} + {blen} bytes")
                 end = _HEAD.size + hlen + blen
                 if len(self._buf) >= end:
                     header = json.loads(bytes(self._buf[_HEAD.size:_HEAD.size + hlen]))
@@ -187,6 +204,11 @@ class AgentRunner:
                     log.warning("agent in %s: %s", self.cid[:12], header.get("message"))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as exc:
             log.info("agent stream of %s ended: %s", self.cid[:12], exc)
+        except EngineError as exc:  # a broken frame: whatever sent it is not to be trusted
+            log.warning("container %s retired: %s", self.cid[:12], exc)
+            self.tainted = True
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
         finally:
             self.alive = False
             for run in self._runs.values():
@@ -276,10 +298,11 @@ class AgentRunner:
             return Result("refused", error=ex["refused"])
         if "error" in ex:
             return run.output.fill(Result("error", error=ex["error"]))
+        # A timed-out function was killed and cleaned up like any other (else "clean" said
+        # otherwise above): its container serves on, so timeouts in a loop cost no engine.
         outcome = "exited"
         if ex.get("timed_out"):
             outcome = "timeout"
-            self.tainted = True
         elif ex.get("cancelled"):
             outcome = "cancelled"
         truncated = any((ex.get("truncated") or {}).values())
@@ -298,18 +321,33 @@ class AgentRunner:
             await self._stream.aclose()
 
 
-# Kill every process but the protected ones and this shell: nothing of a function may
-# outlive it. $PROT is filled in once per container.
-_KILL_OTHERS = (
-    'for d in /proc/[0-9]*; do p=${d#/proc/}; case " $PROT $$ " in *" $p "*) ;; '
-    '*) kill -9 "$p" 2>/dev/null;; esac; done'
+# The exec fallback's own clean-up, in sh, run as the functions' user after each function.
+# It kills every process of that user but itself (kill -1 spares PID 1 and the caller)
+# until /proc shows none of them (kill -0 -1 cannot tell: it succeeds whenever any other
+# process exists), and sets u=1 when it cannot confirm that within about a second. $_ufaas_uid
+# is the user's uid, set before.
+_KILL_MINE = (
+    "_ufaas_i=0; while :; do kill -9 -1 2>/dev/null; _ufaas_left=0; "
+    'for _ufaas_p in /proc/[0-9]*; do [ "${_ufaas_p#/proc/}" = "$$" ] && continue; '
+    "while read -r _ufaas_k _ufaas_r _ufaas_x; do "
+    '[ "$_ufaas_k" = Uid: ] && { [ "$_ufaas_r" = "$_ufaas_uid" ] && _ufaas_left=1; break; }; '
+    "done < $_ufaas_p/status 2>/dev/null; done; [ $_ufaas_left = 0 ] && break; "
+    "_ufaas_i=$((_ufaas_i + 1)); [ $_ufaas_i -gt 100 ] && { u=1; break; }; sleep 0.01; done"
 )
-# Empty the shared temporary directories but the workdirs' root, as the agent does.
-# Each rm is a fork (~0.4 ms): only for what exists, not for a glob that matched nothing.
+# Empty the places a function may write besides its working directory; u=1 when something
+# stays (each rm is a fork, ~0.4 ms: only for what exists).
 _WIPE_TEMP = (
-    f'for f in /tmp/* /tmp/.[!.]* /var/tmp/* /var/tmp/.[!.]* /dev/shm/* /dev/shm/.[!.]*; do '
-    f'[ "$f" = {WORKDIR_ROOT} ] || {{ {{ [ -e "$f" ] || [ -L "$f" ]; }} && rm -rf "$f"; }} '
-    '2>/dev/null; done'
+    "for f in /tmp/* /tmp/.[!.]* /var/tmp/* /var/tmp/.[!.]* /dev/shm/* /dev/shm/.[!.]* "
+    "/dev/mqueue/* /dev/mqueue/.[!.]*; do "
+    f'{{ [ "$f" != {WORKDIR_ROOT} ] && {{ [ -e "$f" ] || [ -L "$f" ]; }}; }} || continue; '
+    'rm -rf "$f" 2>/dev/null || { chmod -R u+rwx "$f"; rm -rf "$f"; } 2>/dev/null; '
+    '{ [ -e "$f" ] || [ -L "$f" ]; } && u=1; done'
+)
+# SysV shared memory, semaphores and message queues outlive their processes, and this shell
+# has no way to remove them: any left means the container is replaced (u=1).
+_IPC_LEFT = (
+    "for q in /proc/sysvipc/shm /proc/sysvipc/sem /proc/sysvipc/msg; do "
+    "{ read -r _ufaas_h; read -r _ufaas_l && u=1; } < $q 2>/dev/null; done"
 )
 # Sets $_ufaas_n to the memory cgroup's OOM kill count (v2, then v1), or 0 where the
 # kernel does not say; a function, not $(...), which would fork a subshell. Variables set
@@ -322,51 +360,81 @@ _OOM_KILLS = (
 # True when the working directories' filesystem has under 1/8 of it free, as in the agent.
 _DISK_LOW = (f"s=$(stat -f -c '%a %b' {WORKDIR_ROOT} 2>/dev/null) && set -- $s && "
              '[ $(($1 * 8)) -lt "$2" ]')
+# Enter the working directory named by $0, made if new, and refuse one that is not a
+# directory of its own (a symlink a function left in its place, say).
+_ENTER_WORKDIR = (
+    f'cd {WORKDIR_ROOT} && {{ [ -e "$0" ] || [ -L "$0" ] || mkdir -m 0700 -- "$0"; }} && '
+    f'cd -P -- "$0" 2>/dev/null && [ "$PWD" = "{WORKDIR_ROOT}/$0" ]'
+)
+_NOT_OWN = "the working directory is not a directory of its own"
+_CLEAN_UP = f'_ufaas_uid="$0"; u=0; {_KILL_MINE}; {_WIPE_TEMP}; {_IPC_LEFT}; echo $u'
 
 
 class _MarkedOutput(Output):
-    """Output that takes the line ``<marker> <disk_low> <oom> <exit code>``, written by our
-    script after the function, off the end of stderr. The marker is random per run, so a
-    function cannot fake it."""
+    """Output that takes the line ``<marker> <disk_low> <oom> <unclean> <exit code>`` (or
+    ``<marker> refused``), written by our script after the function, off the end of stderr.
+    The marker is random per run, so a function cannot fake it."""
 
     def __init__(self, cap: int, on_output: OnOutput | None, marker: bytes) -> None:
         super().__init__(cap, on_output)
-        self.pattern = re.compile(re.escape(marker) + rb" ([01]) ([01]) ([0-9]{1,3})\n\Z")
+        self.pattern = re.compile(
+            re.escape(marker) + rb" (?:([01]) ([01]) ([01]) ([0-9]{1,3})|(refused))\n\Z")
         self.disk_low = False
         self.oom = False
+        self.unclean = False
+        self.refused = False
         self.exit_code: int | None = None  # None: the script did not get to say
 
     def add(self, fd: int, data: bytes) -> None:
         if fd == 2 and (found := self.pattern.search(data)) is not None:
-            self.disk_low, self.oom = found.group(1) == b"1", found.group(2) == b"1"
-            self.exit_code = int(found.group(3))
+            if found.group(5):
+                self.refused = True
+            else:
+                self.disk_low, self.oom, self.unclean = (found.group(i) == b"1"
+                                                         for i in (1, 2, 3))
+                self.exit_code = int(found.group(4))
             data = data[:found.start()]
         super().add(fd, data)
 
 
 class ExecRunner:
-    """Runs each function as a plain ``docker exec`` (images without python3).
+    """Runs each function as a plain ``docker exec`` as the pool's user (images without
+    python3); the container's main process only holds its lifeline.
 
     Costs two engine calls per function (create, start; an inspect too when our script
     could not report the exit code), plus one to deliver files, against the agent's none.
     """
 
-    def __init__(self, engine: Engine, cid: str) -> None:
+    def __init__(self, engine: Engine, cid: str, lifeline: MuxStream, user: str,
+                 on_lost: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.cid = cid
+        self.user = user
+        self.uid = user.partition(":")[0]
         self.alive = False
         self.tainted = False
-        self.protected = "1"
+        self.on_lost = on_lost
         self.drops: list[str] = []
+        self._lifeline = lifeline
 
     async def start(self, nursery: trio.Nursery) -> None:
-        code, out, err = await self._exec(["sh", "-c", "cd /proc && echo [0-9]*; echo $$"])
-        lines = out.decode().split()
-        if code != 0 or not lines:
+        code, out, err = await self._exec(["sh", "-c", "id -u"])
+        if code != 0 or not out.strip().isdigit():
             raise EngineError(f"container does not run sh: {err[-200:]!r}")
-        me = lines[-1]
-        self.protected = " ".join(sorted({p for p in lines[:-1] if p != me} | {"1"}))
         self.alive = True
+        nursery.start_soon(self._watch_lifeline)
+
+    async def _watch_lifeline(self) -> None:
+        """The main process ends only with the container: notice at once."""
+        try:
+            while await self._lifeline.receive() is not None:
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, EngineError):
+            pass
+        finally:
+            self.alive = False
+            if self.on_lost is not None:
+                self.on_lost()
 
     async def _exec(self, argv: list[str], stdin: bytes = b"",
                     env: dict[str, str] | None = None) -> tuple[int | None, bytes, bytes]:
@@ -376,7 +444,7 @@ class ExecRunner:
 
     async def _exec_stream(self, argv: list[str], stdin: bytes, env: dict[str, str] | None,
                            output: Output, live: Stdin | None = None) -> int | None:
-        exec_id = await self.engine.exec_create(self.cid, argv, env=env)
+        exec_id = await self.engine.exec_create(self.cid, argv, env=env, user=self.user)
         stream = await self.engine.exec_open(exec_id)
         try:
             # Stdin is written while output is read: a function that answers as it reads
@@ -395,7 +463,7 @@ class ExecRunner:
         return info.get("ExitCode")
 
     @staticmethod
-    async def _feed(stream: ExecStream, first: bytes, live: Stdin | None) -> None:
+    async def _feed(stream: MuxStream, first: bytes, live: Stdin | None) -> None:
         try:
             if first:
                 await stream.send(first)
@@ -406,10 +474,12 @@ class ExecRunner:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the function ended, or closed its stdin
 
-    async def _kill_others(self) -> None:
+    async def _clean_up(self) -> None:
+        """Clean up after a function whose own script could not (killed, timed out): the
+        container is replaced unless this confirms that nothing of it is left."""
         with trio.move_on_after(KILL_GRACE) as scope:
-            await self._exec(["sh", "-c", f"PROT='{self.protected}'; {_KILL_OTHERS}"])
-        if scope.cancelled_caught:
+            code, out, _ = await self._exec(["sh", "-c", _CLEAN_UP, self.uid])
+        if scope.cancelled_caught or code != 0 or out.strip() != b"0":
             self.tainted = True
 
     async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None,
@@ -421,44 +491,50 @@ class ExecRunner:
                 check_files(job.files)
             except BadFile as exc:
                 return Result("refused", error=str(exc))
-            refused = await self._put_files(wd, job.files)
+            refused = await self._put_files(workdir, job.files)
             if refused:
                 return Result("refused", error=refused)
         env = {"UFAAS_WORKDIR": wd, "HOME": wd, "PWD": wd, **job.env}
         # After the function, our script reports on stderr (then taken off it) whether
-        # the disk is left nearly full (the container is replaced) and whether the kernel
-        # OOM-killed something meanwhile, as the agent does.
+        # the disk is left nearly full, whether the kernel OOM-killed something meanwhile
+        # and whether anything of it is left (the container is replaced then).
         marker = f"ufaas-{uuid.uuid4().hex}"
         # Forgotten workdirs go in the same exec: a separate one would double engine calls.
-        drops = "".join(f"rm -rf {WORKDIR_ROOT}/{d}; " for d in self.drops)
+        drops = "".join(f"rm -rf -- {WORKDIR_ROOT}/{d}; " for d in self.drops)
         self.drops = []
-        script = (f'{drops}{_OOM_KILLS}; oom_kills; _ufaas_b=$_ufaas_n; '
-                  f'{{ [ -d "$0" ] || mkdir -p "$0"; }} && cd "$0" || exit 126; '
-                  f'"$@"; rc=$?; PROT=\'{self.protected}\'; {_KILL_OTHERS}; {_WIPE_TEMP}; '
+        script = (f"_ufaas_uid={self.uid}; {drops}{_OOM_KILLS}; oom_kills; _ufaas_b=$_ufaas_n; "
+                  f"{_ENTER_WORKDIR} || {{ printf '{marker} refused\\n' >&2; exit 126; }}; "
+                  f'"$@"; rc=$?; u=0; {_KILL_MINE}; {_WIPE_TEMP}; {_IPC_LEFT}; '
                   f"d=0; {_DISK_LOW} && d=1; oom_kills; o=0; "
                   '[ "$_ufaas_n" != "$_ufaas_b" ] && o=1; '
-                  f"printf '{marker} %s %s %s\\n' $d $o $rc >&2; exit $rc")
+                  f"printf '{marker} %s %s %s %s\\n' $d $o $u $rc >&2; exit $rc")
         output = _MarkedOutput(job.output_cap, on_output, marker.encode())
         started = time.monotonic()
         outcome = "exited"
         code: int | None = None
         try:
             with trio.move_on_after(job.timeout) as deadline:
-                code = await self._exec_stream(["sh", "-c", script, wd, *job.argv],
+                code = await self._exec_stream(["sh", "-c", script, workdir, *job.argv],
                                                job.stdin or b"", env, output, stdin)
             if deadline.cancelled_caught:
                 outcome = "timeout"
-                self.tainted = True
                 with trio.CancelScope(shield=True):
-                    await self._kill_others()
+                    await self._clean_up()
         except BaseException:
             # Cancelled, possibly wrapped in an ExceptionGroup by the stream's nursery.
             with trio.CancelScope(shield=True):
-                await self._kill_others()
+                await self._clean_up()
             raise
         duration = (time.monotonic() - started) * 1000.0
+        if output.refused:
+            return Result("refused", error=_NOT_OWN)
         result = Result(outcome, duration_ms=round(duration, 3))
         if outcome == "exited":
+            if output.exit_code is None:
+                # Our script did not get to report (the function killed it): the clean-up
+                # it would have done is done now, or the container goes.
+                with trio.CancelScope(shield=True):
+                    await self._clean_up()
             if code is None:
                 result = Result("error", error="exec ended without an exit code")
             elif code > 128 and code <= 128 + 64:
@@ -469,7 +545,7 @@ class ExecRunner:
                     result.signal = code - 128
             else:
                 result.exit_code = code
-        if output.disk_low:
+        if output.disk_low or output.unclean:
             self.tainted = True
         result.oom = output.oom
         return output.fill(result)
@@ -481,20 +557,25 @@ class ExecRunner:
             return False
         return bool(info.get("State", {}).get("Running"))
 
-    async def _put_files(self, wd: str, files: list[File]) -> str | None:
-        # Refuse to write through a symlink left by an earlier function in this workdir.
+    async def _put_files(self, workdir: str, files: list[File]) -> str | None:
+        # Refuse to write through a symlink left by an earlier function in this workdir, or
+        # over a directory it left where a file goes.
         parents = sorted({"/".join(f.path.split("/")[:i])
                           for f in files for i in range(1, f.path.count("/") + 1)})
+        refuse = "exit 3; fi; "
         checks = "".join(
             f'if [ -L {shlex.quote(p)} ] || {{ [ -e {shlex.quote(p)} ] && '
             f'[ ! -d {shlex.quote(p)} ]; }}; then echo {shlex.quote(p)}: '
-            f'not a directory inside the working directory >&2; exit 3; fi; '
+            f'not a directory inside the working directory >&2; {refuse}'
             for p in parents
         )
-        checks += "".join(f"if [ -L {shlex.quote(f.path)} ]; then rm -f {shlex.quote(f.path)};"
-                          " fi; " for f in files)
-        script = f'umask 077; mkdir -p "$0" && cd "$0" || exit 126; {checks}umask 0; exec tar -xf -'
-        code, _, err = await self._exec(["sh", "-c", script, wd], stdin=tar_files(files))
+        for f in files:
+            path = shlex.quote(f.path)
+            checks += (f"if [ -L {path} ]; then rm -f {path}; elif [ -d {path} ]; then "
+                       f"echo {path}: is a directory >&2; {refuse}")
+        script = (f"umask 077; {_ENTER_WORKDIR} || {{ echo {shlex.quote(_NOT_OWN)} >&2; "
+                  f"exit 3; }}; {checks}umask 0; exec tar -xf -")
+        code, _, err = await self._exec(["sh", "-c", script, workdir], stdin=tar_files(files))
         if code == 3:
             return err.decode(errors="replace").strip()
         if code != 0:
@@ -506,6 +587,7 @@ class ExecRunner:
 
     async def aclose(self) -> None:
         self.alive = False
+        await self._lifeline.aclose()
 
 
 def tar_files(files: list[File]) -> bytes:

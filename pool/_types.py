@@ -24,8 +24,10 @@ class Profile:
     cpus: float = 1.0
     pids: int = 256
     network: bool = False
-    user: str = "65534:65534"
+    user: str = "65534:65534"  # the functions': the agent runs as root, with 3 capabilities
     workdir_size: int = 256 * MiB
+    # Each of /tmp, /var/tmp and /dev/shm (tmpfs, like everything writable).
+    tmp_size: int = 64 * MiB
 
     def __post_init__(self) -> None:
         uid, _, gid = self.user.partition(":")
@@ -33,6 +35,8 @@ class Profile:
             raise ValueError(f"profile user must be numeric 'uid:gid', not {self.user!r}")
         if self.memory < 16 * MiB or self.pids < 8 or self.cpus <= 0:
             raise ValueError("profile limits too small: memory >= 16 MiB, pids >= 8, cpus > 0")
+        if self.workdir_size < MiB or self.tmp_size < MiB:
+            raise ValueError("profile sizes too small: workdir_size and tmp_size >= 1 MiB")
 
 
 def check_path(path: str) -> str:

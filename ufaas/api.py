@@ -27,7 +27,7 @@ from pool import Profile
 
 from .config import Config
 from .scheduler import Conflict, NotFound, QueueFull, Scheduler
-from .spec import BadJSON, SpecError, decode
+from .spec import BadJSON, SpecError
 from .store import STATUSES, Record
 from .ws import serve_socket
 
@@ -207,7 +207,7 @@ def create_app(scheduler: Scheduler, config: Config,
         strict = flag(args, "strict") if after is not None else False
         wait = wait_arg()  # a bad query refuses the request before anything is queued
         raw = await body()
-        function = scheduler.submit(decode(raw), raw=raw, after=after, strict=strict)
+        function = await scheduler.submit(raw, after=after, strict=strict)
         headers = {"Location": f"/fn/{function.id}"}
         record = function.record
         if wait:
@@ -257,9 +257,13 @@ def create_app(scheduler: Scheduler, config: Config,
         wait = wait_arg()
         record: Record = await scheduler.wait(fid, wait) if wait else scheduler.get(fid)
         shown = record.public()
-        if spec == "full":
-            shown["spec"] = scheduler.full_spec(fid)
-        return reply(shown)
+        if spec != "full":
+            return reply(shown)
+        # The spec as kept is JSON already, and may be megabytes: spliced in, not decoded.
+        del shown["spec"]
+        head = json.dumps(shown)[:-1].encode()
+        return Response(head + b', "spec": ' + scheduler.full_spec(fid) + b"}",
+                        content_type=JSON_TYPE)
 
     @app.post("/fn/<fid>")
     async def follow_function(fid: str) -> Response:
@@ -267,7 +271,7 @@ def create_app(scheduler: Scheduler, config: Config,
 
     @app.put("/fn/<fid>")
     async def update_function(fid: str) -> Response:
-        return reply(scheduler.update(fid, decode(await body())).public())
+        return reply((await scheduler.update(fid, await body())).public())
 
     @app.delete("/fn/<fid>")
     async def cancel_function(fid: str) -> Response:

@@ -98,6 +98,9 @@ class Config(BaseModel):
                                "buffered per WebSocket client before it misses some")
     # Scheduling.
     queue_limit: int = Field(1000, ge=1, description="pending functions before 429")
+    pending_bytes: int = Field(64 * MiB, ge=0, description="bytes of embedded content "
+                               "that waiting functions keep in memory; the rest wait with "
+                               "their specs on disk")
     queue_timeout: float = Field(600.0, gt=0, description="longest wait for a container")
     max_wait: float = Field(300.0, gt=0, description="longest ?wait= a request may hold")
     max_list: int = Field(1000, ge=1, description="most records one listing returns")

@@ -19,7 +19,7 @@ from pool import Job, Lease, PoolError, Result
 
 from .fetch import FetchError
 from .live import Event, Hub, StdinPipe, Transcript
-from .spec import Spec
+from .spec import Spec, SpecError
 from .store import Record, Store
 
 if TYPE_CHECKING:
@@ -41,9 +41,10 @@ class Function:
 
     def __init__(self, record: Record, store: Store, hub: Hub, *, spec: Spec | None = None,
                  strict: bool = False, interactive: bool = False, lease: Lease | None = None,
-                 dequeued: Callable[[], None] = lambda: None) -> None:
+                 dequeued: Callable[[Function], None] = lambda function: None) -> None:
         self.record = record
         self.spec = spec
+        self.pinned = False  # its spec counts against the scheduler's pending_bytes
         self._lease = lease  # claimed when it was accepted (see started_in)
         self.strict = strict
         self.transcript = Transcript()
@@ -91,10 +92,11 @@ class Function:
         return [{"event": "status", "id": self.id, "status": status},
                 *self.transcript.events(self.id)]
 
-    def change(self, spec: Spec, spec_json: str, *, moved: bool) -> None:
-        """A PUT: the new spec of this pending function, saved; ``moved`` when it now
-        belongs to another pool, where it queues again."""
-        self.record.spec = spec.summary()
+    def change(self, spec: Spec | None, summary: dict[str, Any], spec_json: bytes, *,
+               moved: bool) -> None:
+        """A PUT: the new spec of this pending function (None: read back when it starts),
+        saved; ``moved`` when it now belongs to another pool, where it queues again."""
+        self.record.spec = summary
         self._store.replace_spec(self.record, spec_json)
         self.spec = spec
         self.changed.set()
@@ -149,21 +151,23 @@ class Function:
             # function starts over with the spec its record now shows.
             changed = self.changed = trio.Event()
             with trio.CancelScope() as self.requeue:
-                spec = self.spec if self.spec is not None else scheduler.load_spec(self.record)
+                # A spec at hand has its URLs fetched before the wait for a container; one
+                # that waits on disk is read back, and fetched for, once it holds one.
+                spec = self.spec
                 try:
-                    files = await scheduler.files(spec)
-                except FetchError as exc:
-                    return self._end("error", str(exc))
-                if changed.is_set():
-                    continue
-                try:
-                    pool = await scheduler.pool_for(spec)
+                    files = await scheduler.files(spec) if spec is not None else []
+                    if changed.is_set():
+                        continue
+                    pool = await scheduler.pool_for(self.record.spec)
                     async with pool.lease(near, strict=self.strict,
                                           timeout=scheduler.config.queue_timeout) as lease:
                         if changed.is_set():
                             continue
+                        if spec is None:
+                            spec = await scheduler.load_spec(self.record)
+                            files = await scheduler.files(spec)
                         return await self._execute(lease, spec, files, scheduler)
-                except PoolError as exc:
+                except (FetchError, PoolError, SpecError) as exc:
                     return self._end("error", str(exc))
             self.requeue = None
 
@@ -171,7 +175,7 @@ class Function:
                        ) -> None:
         record = self.record
         if record.status == "pending":
-            self._dequeued()
+            self._dequeued(self)
             self.started_in(record, lease)
             self._store.save(record)
             self._hub.publish({"event": "status", "id": self.id, "status": "running"})
@@ -205,7 +209,7 @@ class Function:
     def _end(self, status: str, error: str | None) -> None:
         record = self.record
         if record.status == "pending":
-            self._dequeued()
+            self._dequeued(self)
         for stream, text in self.transcript.close():
             self._hub.publish({"event": stream, "id": self.id, "data": text})
         record.stdout = self.transcript.text("stdout")

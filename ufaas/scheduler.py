@@ -4,7 +4,6 @@ container: a warm one of its pool, or the one of the function it follows. No HTT
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +16,8 @@ from .config import Config
 from .fetch import Downloader, FetchError
 from .function import Function, exit_event
 from .live import Event, Hub, StdinClosed, Watcher, output_events
-from .spec import Resource, Spec, SpecError, decode, merge, parse_spec, resource_file
+from .parser import Parsed, Parser
+from .spec import Resource, Spec, SpecError, resource_file
 from .store import ACTIVE, Record, Store
 
 # How long a DELETE waits for its function to be gone before answering.
@@ -45,8 +45,9 @@ class Scheduler:
     """
 
     def __init__(self, config: Config, store: Store, pools: Pools, downloader: Downloader,
-                 hub: Hub) -> None:
+                 hub: Hub, parser: Parser) -> None:
         self.config = config
+        self.parser = parser
         self.limits = config.limits()
         self.store = store
         self.pools = pools
@@ -54,6 +55,7 @@ class Scheduler:
         self.hub = hub
         self._functions: dict[str, Function] = {}
         self._pending = 0
+        self._pinned = 0  # bytes of spec content held by waiting functions
         # Looked up for every function: made once.
         self._profiles = config.profiles()
         self._default_profiles = {net: Profile(network=net) for net in (False, True)}
@@ -82,18 +84,22 @@ class Scheduler:
 
     # -- requests -------------------------------------------------------------------------
 
-    def submit(self, data: object, *, raw: bytes | None = None, after: str | None = None,
-               strict: bool = False, interactive: bool = False) -> Function:
-        """Validate and queue a function; raise SpecError, NotFound, Conflict, QueueFull.
+    async def submit(self, raw: bytes | None = None, *, data: object = None,
+                     parsed: Parsed | None = None, after: str | None = None,
+                     strict: bool = False, interactive: bool = False) -> Function:
+        """Validate and queue a function; raise BadJSON, SpecError, NotFound, Conflict or
+        QueueFull.
 
-        ``raw`` is ``data`` as the JSON it was decoded from, stored as sent. A follow-up
-        (``after``) may leave out the image: it takes its predecessor's. An ``interactive``
-        function reads its spec's stdin, then what :meth:`feed` gives it.
+        The spec is ``raw`` (its JSON, kept as sent), ``data`` (decoded already) or
+        ``parsed`` (validated already). A follow-up (``after``) may leave out the image: it
+        takes its predecessor's. An ``interactive`` function reads its spec's stdin, then
+        what :meth:`feed` gives it.
         """
         predecessor = self.get(after) if after is not None else None
-        if predecessor is not None and isinstance(data, dict) and "image" not in data:
-            data, raw = {**data, "image": predecessor.spec.get("image")}, None
-        spec = _with_image(parse_spec(data, self.limits))
+        if parsed is None:
+            image = predecessor.spec.get("image") if predecessor is not None else None
+            parsed = await self.parser.parse(raw, data, image=image)
+        spec = _with_image(parsed.spec)
         if predecessor is not None and strict:
             self._check_strict(predecessor, spec)
         lease = self._claim(spec, predecessor) if after is None or predecessor else None
@@ -103,23 +109,35 @@ class Scheduler:
         if lease is not None:
             # A warm container was free: the function is accepted as running, in one write.
             Function.started_in(record, lease)
-        self.store.insert(record, raw if raw is not None else json.dumps(data))
-        function = Function(record, self.store, self.hub, spec=spec, strict=strict,
+        self.store.insert(record, parsed.json)
+        # A function that waits keeps its spec in memory only within pending_bytes; the
+        # rest wait with theirs on disk, read back when they start.
+        pinned = lease is None and self._pin(spec)
+        function = Function(record, self.store, self.hub,
+                            spec=spec if lease is not None or pinned else None, strict=strict,
                             interactive=interactive, lease=lease, dequeued=self._dequeued)
+        function.pinned = pinned
         self._start(function)
         return function
 
-    def update(self, fid: str, data: object) -> Record:
-        """PUT: replace the fields ``data`` gives in a pending function's spec."""
+    async def update(self, fid: str, raw: bytes) -> Record:
+        """PUT: replace the fields ``raw`` (JSON) gives in a pending function's spec."""
         function = self._functions.get(fid)
         record = function.record if function is not None else self.get(fid)
         if function is None or record.status != "pending":
             raise Conflict(f"function {fid} is {record.status}: only pending ones can change")
         old = record.spec
-        spec, merged = merge(decode(self.store.spec(fid) or b"{}"), data, self.limits)
-        _with_image(spec)
+        parsed = await self.parser.parse(self.store.spec(fid) or b"{}", update=raw,
+                                         image=old.get("image"))
+        spec = _with_image(parsed.spec)
+        if function.status != "pending":  # it started while the spec was validated
+            raise Conflict(f"function {fid} is {function.status}: only pending ones can "
+                           "change")
         moved = (spec.image, spec.network) != (old.get("image"), old.get("network"))
-        function.change(spec, json.dumps(merged), moved=moved)
+        self._unpin(function)
+        function.pinned = self._pin(spec)
+        function.change(spec if function.pinned else None, spec.summary(), parsed.json,
+                        moved=moved)
         return function.record
 
     def get(self, fid: str) -> Record:
@@ -132,12 +150,12 @@ class Scheduler:
             raise NotFound(f"no function {fid}")
         return record
 
-    def full_spec(self, fid: str) -> dict[str, Any]:
-        """The spec of ``fid`` as sent, content included; raise NotFound."""
+    def full_spec(self, fid: str) -> bytes:
+        """The spec of ``fid`` as sent (its JSON), content included; raise NotFound."""
         raw = self.store.spec(fid) if _is_uuid(fid) else None
         if raw is None:
             raise NotFound(f"no function {fid}")
-        return decode(raw)
+        return raw
 
     def records(self, status: str | None, limit: int, before: str | None = None
                 ) -> Iterator[Record]:
@@ -230,12 +248,12 @@ class Scheduler:
 
     # -- running (called by Function.run) ---------------------------------------------------
 
-    def load_spec(self, record: Record) -> Spec:
-        """The spec of a function whose spec is not at hand (resumed after a restart)."""
-        data = self.full_spec(record.id)
-        if isinstance(data, dict) and "image" not in data:
-            data["image"] = record.spec.get("image")
-        return parse_spec(data, self.limits)
+    async def load_spec(self, record: Record) -> Spec:
+        """The spec of a function whose spec is not at hand (it waited with it on disk, or
+        was resumed after a restart)."""
+        parsed = await self.parser.parse(self.full_spec(record.id),
+                                         image=record.spec.get("image"))
+        return _with_image(parsed.spec)
 
     async def files(self, spec: Spec) -> list[File]:
         """Every file of the spec: the embedded ones, and the URL ones, fetched at once and
@@ -265,9 +283,11 @@ class Scheduler:
                              f"{self.config.queue_timeout:g} s")
         return files + [resource_file(r, fetched[i]) for i, r in enumerate(urls)]
 
-    async def pool_for(self, spec: Spec) -> Pool:
-        """The pool of the spec's image and profile, started if it does not run yet."""
-        return await self.pools.add(spec.image or "", self._profile(spec))
+    async def pool_for(self, summary: dict[str, Any]) -> Pool:
+        """The pool of a spec's image and profile (from its record's summary), started if it
+        does not run yet."""
+        image, network = summary.get("image") or "", bool(summary.get("network"))
+        return await self.pools.add(image, self._profile(image, network))
 
     async def place_of(self, fid: str) -> Place | None:
         """Where function ``fid`` ran, waiting while it has not started yet."""
@@ -295,12 +315,11 @@ class Scheduler:
             if not predecessor.finished or not predecessor.container:
                 return None
             near = Place(predecessor.container, predecessor.workdir or "")
-        pool = self.pools.get(spec.image or "", self._profile(spec))
+        pool = self.pools.get(spec.image or "", self._profile(spec.image or "", spec.network))
         return pool.claim(near) if pool is not None else None
 
-    def _profile(self, spec: Spec) -> Profile:
-        return (self._profiles.get((spec.image or "", spec.network))
-                or self._default_profiles[spec.network])
+    def _profile(self, image: str, network: bool) -> Profile:
+        return self._profiles.get((image, network)) or self._default_profiles[network]
 
     def _start(self, function: Function) -> None:
         if self._nursery is None:
@@ -317,8 +336,23 @@ class Scheduler:
         finally:
             del self._functions[function.id]
 
-    def _dequeued(self) -> None:
+    def _dequeued(self, function: Function) -> None:
         self._pending -= 1
+        self._unpin(function)
+
+    def _pin(self, spec: Spec) -> bool:
+        """Whether a waiting function may keep ``spec`` in memory, within pending_bytes
+        for all of them; if so, it is counted."""
+        size = spec.content_bytes()
+        if self._pinned + size > self.config.pending_bytes:
+            return False
+        self._pinned += size
+        return True
+
+    def _unpin(self, function: Function) -> None:
+        if function.pinned and function.spec is not None:
+            self._pinned -= function.spec.content_bytes()
+        function.pinned = False
 
     def _check_strict(self, predecessor: Record, spec: Spec) -> None:
         """``strict``: the follow-up must be able to run in its predecessor's container."""
@@ -332,8 +366,10 @@ class Scheduler:
             raise Conflict(f"the container of function {fid} is gone")
 
 
-def _with_image(spec: Spec) -> Spec:
+def _with_image(spec: Spec | None) -> Spec:
     """The spec, if it names an image (optional in a follow-up, which inherits one)."""
+    if spec is None:  # a message without one
+        raise SpecError([{"field": "spec", "message": "required"}])
     if spec.image is None:
         raise SpecError([{"field": "image", "message": "required"}])
     return spec

@@ -7,6 +7,7 @@ the scheduler is cancelled and every container is removed.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,12 +23,14 @@ from .api import create_app
 from .config import Config
 from .fetch import Downloader
 from .live import Hub
+from .parser import Parser
 from .scheduler import Scheduler
 from .spec import summarize
 from .store import Store
 
 log = logging.getLogger("ufaas")
 
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 # Bounds on the last steps of a shutdown, after the functions' own grace.
 HTTP_GRACE = 5.0
 ENGINE_CLOSE = 5.0
@@ -43,6 +46,19 @@ def home(db: str) -> str:
     return hashlib.sha256(str(db).encode()).hexdigest()[:16]
 
 
+def return_big_buffers() -> None:
+    """Have glibc give memory of 1 MiB and more back to the system as soon as it is freed.
+
+    Its default raises that threshold to the biggest block freed so far (up to 32 MiB), so
+    after one big request body every later one is carved from a heap that never shrinks:
+    a server that takes 64 MiB bodies would keep hundreds of MB it no longer uses.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own policy
+
+
 async def serve(
     config: Config,
     *,
@@ -55,6 +71,7 @@ async def serve(
     if not config.is_loopback() and not config.token and not config.insecure:
         raise InsecureBind(f"refusing to listen on {config.host} without a token: set "
                            "--token (or UFAAS_TOKEN), or pass --insecure")
+    return_big_buffers()
     store = Store(config.db, summarize=summarize)
     engine = Engine(config.docker_host, call_timeout=config.engine_timeout)
     try:
@@ -64,7 +81,9 @@ async def serve(
         downloader = Downloader(max_bytes=config.download_max_bytes,
                                 timeout=config.download_timeout, allow=config.fetch_allow,
                                 proxy=config.fetch_proxy)
-        scheduler = Scheduler(config, store, pools, downloader, Hub(max_bytes=config.stream_buffer))
+        parser = Parser(config)
+        scheduler = Scheduler(config, store, pools, downloader,
+                              Hub(max_bytes=config.stream_buffer), parser)
         app = create_app(scheduler, config, healthy=engine.ping)
         try:
             await _serve_http(config, pools, scheduler, app, shutdown_trigger, task_status)
@@ -91,6 +110,7 @@ async def _serve_http(config: Config, pools: Pools, scheduler: Scheduler, app: o
     # Nested by lifetime: functions end (and are recorded) before their pools go.
     async with trio.open_nursery() as outer:
         await outer.start(pools.serve)
+        await outer.start(scheduler.parser.serve)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(scheduler.serve)

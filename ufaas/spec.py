@@ -95,10 +95,11 @@ class SpecError(Exception):
     """
 
     def __init__(self, errors: list[dict[str, str]], more: int = 0) -> None:
-        self.errors = errors[:MAX_ERRORS]
-        more += len(errors) - len(self.errors)
-        if more:
-            self.errors.append({"field": "spec", "message": f"and {more} more problems"})
+        self.problems = errors[:MAX_ERRORS]
+        self.more = more + len(errors) - len(self.problems)
+        self.errors = list(self.problems)
+        if self.more:
+            self.errors.append({"field": "spec", "message": f"and {self.more} more problems"})
         first = errors[0] if errors else {"field": "spec", "message": "invalid spec"}
         self.message = f"{first['field']}: {first['message']}"
         super().__init__(self.message)
@@ -389,6 +390,10 @@ class Spec(BaseModel):
                 files.append(File(resource.path, data, resource.mode))
         return files
 
+    def content_bytes(self) -> int:
+        """About what the spec holds in memory: its embedded files and stdin."""
+        return 1024 + sum(r.size() or 0 for r in self.resources) + len(self.stdin or "")
+
     def summary(self) -> dict[str, Any]:
         """The spec as records show it: each resource and the stdin described by size and
         sha256 instead of their content, so an answer stays small whatever was sent."""
@@ -413,8 +418,52 @@ def decode(body: bytes | str) -> Any:
         raise BadJSON(f"malformed JSON: {exc}") from None
 
 
+_SPEC_FIELDS = frozenset(Spec.model_fields)
+_RESOURCE_FIELDS = frozenset(Resource.model_fields)
+MAX_ARGS = 4096
+
+
+def check_shape(data: object, limits: Limits) -> None:
+    """Refuse, before validating it, a body whose shape alone is wrong: unknown fields,
+    lists and maps longer than allowed. Cheap and bounded (it counts, it does not build),
+    so that validation and its error report stay small whatever the body holds."""
+    if not isinstance(data, dict):
+        return  # validation says so, in one error
+    errors: list[dict[str, str]] = []
+    more = 0
+
+    def problem(field: str, message: str) -> None:
+        nonlocal more
+        if len(errors) < MAX_ERRORS:
+            errors.append({"field": field, "message": message})
+        else:
+            more += 1
+
+    unknown = _MESSAGES["extra_forbidden"]
+    for name in data:
+        if name not in _SPEC_FIELDS:
+            problem(str(name), unknown)
+    resources, env, command = data.get("resources"), data.get("env"), data.get("command")
+    if isinstance(resources, list):
+        if len(resources) > limits.max_resources:
+            problem("resources", f"{len(resources)} resources: at most "
+                    f"{limits.max_resources} are allowed")
+        else:
+            for i, resource in enumerate(resources):
+                for name in resource if isinstance(resource, dict) else ():
+                    if name not in _RESOURCE_FIELDS:
+                        problem(f"resources.{i}.{name}", unknown)
+    if isinstance(env, dict) and len(env) > MAX_ENV_ENTRIES:
+        problem("env", f"{len(env)} variables: at most {MAX_ENV_ENTRIES} are allowed")
+    if isinstance(command, list) and len(command) > MAX_ARGS:
+        problem("command", f"{len(command)} arguments: at most {MAX_ARGS} are allowed")
+    if errors:
+        raise SpecError(errors, more=more)
+
+
 def parse_spec(data: object, limits: Limits) -> Spec:
     """Validate a decoded JSON body as a whole spec; raise SpecError naming the bad fields."""
+    check_shape(data, limits)
     try:
         return Spec.model_validate(data, context=limits)
     except ValidationError as exc:

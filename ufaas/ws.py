@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, TypeAd
 from pydantic import ValidationError as PydanticError
 
 from .live import Watcher
+from .parser import Parsed
 from .scheduler import Conflict, NotFound, QueueFull, Scheduler
-from .spec import SpecError
+from .spec import BadJSON, SpecError, Text
 
 log = logging.getLogger("ufaas")
 
@@ -43,7 +44,7 @@ class WatchMessage(_Message):
 class StdinMessage(_Message):
     op: Literal["stdin"]
     id: Id
-    data: StrictStr = ""
+    data: Text = ""  # valid UTF-8: a lone surrogate gets an error event, not a dead socket
     eof: StrictBool = False
 
 
@@ -65,14 +66,36 @@ def error_event(message: str, fid: str | None = None, **extra: Any) -> dict[str,
     return event
 
 
-def parse(raw: str | bytes) -> RunMessage | WatchMessage | StdinMessage | CancelMessage:
-    """Decode one client message; raise ValueError with a message for the client."""
+AnyMessage = RunMessage | WatchMessage | StdinMessage | CancelMessage
+
+
+async def read(raw: str | bytes, scheduler: Scheduler) -> tuple[AnyMessage, Parsed | None]:
+    """Decode one client message, and for a big one also validate the spec it holds (both
+    off the event loop, see ufaas.parser); raise ValueError or SpecError for the client."""
     if isinstance(raw, bytes):
         raise ValueError("send JSON text messages, not binary ones")
+    if scheduler.parser.is_small(raw):
+        return parse(raw), None
+    try:
+        parsed = await scheduler.parser.parse(raw.encode(errors="surrogatepass"),
+                                              inside="spec")
+    except BadJSON as exc:
+        raise ValueError(str(exc)) from None
+    if parsed.spec is None:
+        return validate(parsed.envelope), None
+    return validate({**parsed.envelope, "spec": {}}), parsed
+
+
+def parse(raw: str) -> AnyMessage:
+    """Decode one client message; raise ValueError with a message for the client."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"malformed JSON: {exc}") from None
+    return validate(data)
+
+
+def validate(data: Any) -> AnyMessage:
     if not isinstance(data, dict) or data.get("op") not in OP_NAMES:
         raise ValueError(f"a message is a JSON object whose op is {OPS}")
     try:
@@ -100,11 +123,14 @@ async def serve_socket(scheduler: Scheduler, receive: Callable[[], Awaitable[str
                 # A client that does not read its answers stops being read.
                 await watcher.wait_room()
                 try:
-                    message = parse(raw)
+                    message, parsed = await read(raw, scheduler)
                 except ValueError as exc:
                     watcher.reply([error_event(str(exc))])
                     continue
-                await _handle(scheduler, watcher, nursery, created, message)
+                except SpecError as exc:
+                    watcher.reply([error_event(exc.message, detail=exc.errors)])
+                    continue
+                await _handle(scheduler, watcher, nursery, created, message, parsed)
     finally:
         scheduler.hub.unsubscribe(watcher)
         for fid in created:
@@ -118,12 +144,12 @@ async def _send_events(watcher: Watcher, send: Callable[[str], Awaitable[None]])
 
 
 async def _handle(scheduler: Scheduler, watcher: Watcher, nursery: trio.Nursery,
-                  created: set[str],
-                  message: RunMessage | WatchMessage | StdinMessage | CancelMessage) -> None:
+                  created: set[str], message: AnyMessage, parsed: Parsed | None) -> None:
     try:
         if isinstance(message, RunMessage):
-            function = scheduler.submit(message.spec, after=message.after,
-                                        strict=message.strict, interactive=True)
+            function = await scheduler.submit(data=message.spec, parsed=parsed,
+                                              after=message.after, strict=message.strict,
+                                              interactive=True)
             created.difference_update([f for f in created if not scheduler.is_active(f)])
             created.add(function.id)
             # Created and followed in one step: not one event can slip between.
