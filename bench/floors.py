@@ -20,7 +20,7 @@ from typing import Any
 
 import docker
 
-from pool._runner import AGENT_ARGV
+from pool._runner import AGENT_CAPABILITIES, agent_argv
 
 from ._common import ARGV, LABELS, PYTHON_IMAGE, Row, timed
 
@@ -135,14 +135,20 @@ class _AgentLink:
 
 def agent_floor(client: docker.DockerClient, n: int, image: str = PYTHON_IMAGE,
                 name: str = "agent round trip, raw socket") -> Row:
-    """Row 3's command through the agent, with nothing of ufaas around it."""
-    container = client.containers.run(
-        image, ["sleep", "600"], detach=True, labels=LABELS, init=True,
-        network_mode="none", user="1000:1000",
-        tmpfs={"/tmp/ufaas": "size=64m,uid=1000,gid=1000,mode=0311"})
+    """Row 3's command through the agent, with nothing of ufaas around it: the agent is the
+    container's main process, as in a pool, reached over its attached stream."""
+    api = client.api
+    host_config = api.create_host_config(
+        init=True, network_mode="none", cap_drop=["ALL"], cap_add=list(AGENT_CAPABILITIES),
+        security_opt=["no-new-privileges"], read_only=True,
+        tmpfs={"/tmp": "size=64m,mode=1777", "/tmp/ufaas": "size=64m,mode=1733,exec"})
+    created = api.create_container(image, agent_argv("65534:65534"), labels=LABELS,
+                                   user="0:0", stdin_open=True, host_config=host_config)
+    container = client.containers.get(created["Id"])
     try:
-        exec_id = client.api.exec_create(container.id, AGENT_ARGV, stdin=True)["Id"]
-        sock = client.api.exec_start(exec_id, socket=True)._sock  # type: ignore[union-attr]
+        sock = api.attach_socket(created["Id"], params={
+            "stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})._sock
+        container.start()
         sock.settimeout(READY_TIMEOUT)
         link = _AgentLink(sock)
         link.send({"op": "hello"})

@@ -43,13 +43,26 @@ async def run(client, body, wait=30):
     return r.json()
 
 
+# Every process of a function's uid but this shell and its parent (exec mode's wrapper),
+# then what is in the temp dirs (the workdirs' root, only).
+LEFT = ('for p in /proc/[0-9]*; do case "${p#/proc/}" in $$|$PPID) continue;; esac; '
+        'while read -r k u _; do [ "$k" = Uid: ] && { [ "$u" != 0 ] && echo "${p#/proc/}"; '
+        "break; }; done < $p/status; done; ls -A /tmp; ls -A /var/tmp; ls -A /dev/shm")
+
+
 async def still_serves(client, image, after=None):
-    """The next function runs fine, in a new container if the one of ``after`` was tainted,
-    and the pools are healthy."""
-    rec = await run(client, fn(image, ["echo", "alive"]))
-    assert rec["status"] == "succeeded" and rec["stdout"] == "alive\n", brief(rec)
-    if after is not None and after["status"] in ("timeout", "error"):
-        assert rec["container"] != after["container"], "a tainted container was reused"
+    """The next function runs fine, and the pools are healthy. After ``after``: if its
+    container failed, in another container; if it kept its container (a timed-out
+    function's is kept once cleaned), nothing of ``after`` is left there."""
+    rec = await run(client, fn(image, ["sh", "-c", f"echo alive; {LEFT}"]))
+    assert rec["status"] == "succeeded", brief(rec)
+    if after is not None and after["status"] == "error":
+        assert rec["container"] != after["container"], "a failed container was reused"
+    if after is not None and rec["container"] == after["container"]:
+        # No process of a function's uid but this one, nothing in the temp dirs.
+        assert rec["stdout"] == "alive\nufaas\n", brief(rec)
+    else:
+        assert rec["stdout"].startswith("alive\n"), brief(rec)
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     for pool in (await client.get("/pools")).json():
         assert pool["total"] <= pool["max"] and pool["last_error"] is None, pool
@@ -446,11 +459,10 @@ async def test_sigterm_ignored(start_server, make_config, image, docker_client):
         # its deadline is cancelled or an error once the runner's own grace is over).
         assert rec["status"] == "timeout" and rec["error"] is None, brief(rec)
         assert "slept" not in rec["stdout"], brief(rec)
-        await still_serves(client, image, after=rec)
-        # A timed-out container is replaced: it goes, and its processes with it.
-        while await trio.to_thread.run_sync(lambda: docker_client.containers.list(
-                all=True, filters={"id": rec["container"]})):
-            await trio.sleep(0.05)
+        # Killed at its deadline, whatever it traps, and cleaned up: its container serves
+        # the next function, with nothing of it left.
+        after = await still_serves(client, image, after=rec)
+        assert after["container"] == rec["container"], brief(after)
 
 
 async def test_background_processes_do_not_survive(start_server, make_config, image, images):
@@ -499,21 +511,11 @@ async def test_disk_full(start_server, make_config, image):
 def routes(config):
     """Every route of the app as (method, path, websocket), ``<fid>`` filled in: a route
     added later is checked without this test changing."""
-    from pool import Engine, Pools
-    from ufaas.api import create_app
-    from ufaas.fetch import Downloader
-    from ufaas.live import Hub
-    from ufaas.scheduler import Scheduler
-    from ufaas.store import Store
+    from ufaas.server import Service
 
-    engine = Engine()  # makes no call until used
-    store = Store(":memory:")
-    try:
-        scheduler = Scheduler(config, store, Pools(engine), Downloader(max_bytes=1, timeout=1),
-                              Hub())
-        app = create_app(scheduler, config, healthy=engine.ping)
-    finally:
-        store.close()
+    service = Service.build(config.model_copy(update={"db": ":memory:"}))
+    service.store.close()
+    app = service.app
     found = []
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
@@ -614,7 +616,9 @@ async def test_every_container_is_hardened(start_server, make_config, images, do
         await run(client, fn(images.busybox, ["true"]))
         while sum(p["warm"] for p in (await client.get("/pools")).json()) < 4:
             await trio.sleep(0.1)
-        profiles = {p["name"]: p["profile"] for p in (await client.get("/pools")).json()}
+        pools = (await client.get("/pools")).json()
+        profiles = {p["name"]: p["profile"] for p in pools}
+        modes = {p["name"]: p["mode"] for p in pools}
         assert len(profiles) == 3
         found = await trio.to_thread.run_sync(lambda: docker_client.containers.list(
             all=True, filters={"label": f"ufaas.test={test_id}"}))
@@ -625,16 +629,30 @@ async def test_every_container_is_hardened(start_server, make_config, images, do
             host, conf = attrs["HostConfig"], attrs["Config"]
             name = conf["Labels"]["ufaas.pool"]
             profile = profiles[name]
-            assert host["CapDrop"] == ["ALL"] and not host.get("CapAdd"), name
+            # The main process (the agent, or exec mode's lifeline) is root with no more
+            # than the agent needs to run functions as the profile's user; those have none.
+            caps = sorted(c.removeprefix("CAP_") for c in host.get("CapAdd") or [])
+            assert host["CapDrop"] == ["ALL"], name
+            assert caps == (["KILL", "SETGID", "SETUID"] if modes[name] == "agent" else []), \
+                (name, caps)
+            assert conf["User"] == "0:0" and profile["user"] == "65534:65534", name
             assert "no-new-privileges" in host["SecurityOpt"], name
             assert not host["Privileged"], name
             assert host["PidsLimit"] == profile["pids"], name
             assert host["Memory"] == host["MemorySwap"] == profile["memory"], name
-            assert conf["User"] == "65534:65534" == profile["user"], name
-            assert host["LogConfig"]["Config"].get("max-size"), name
+            # Nothing written reaches the host's disk: a read-only root, capped tmpfs.
+            assert host["ReadonlyRootfs"] is True, name
+            assert set(host["Tmpfs"]) == {"/tmp", "/var/tmp", "/run", "/tmp/ufaas"}, name
+            assert f"size={profile['workdir_size']}," in host["Tmpfs"]["/tmp/ufaas"], name
+            assert "mode=1733" in host["Tmpfs"]["/tmp/ufaas"], name
+            for temp in ("/tmp", "/var/tmp"):
+                assert f"size={profile['tmp_size']}," in host["Tmpfs"][temp], name
+            assert host["ShmSize"] == profile["tmp_size"], name
+            assert host["LogConfig"]["Type"] == "none", name
+            # The dead-man's switch: stdin held by the server, removed once it stops.
+            assert conf["OpenStdin"] and conf["StdinOnce"] and host["AutoRemove"], name
             assert not host.get("Binds") and not attrs["Mounts"], (name, attrs["Mounts"])
             assert "docker.sock" not in json.dumps(attrs), name
-            assert f"size={profile['workdir_size']}," in host["Tmpfs"]["/tmp/ufaas"], name
             assert not any(secret in e for e in conf["Env"] or []), name
             if profile["network"]:
                 networked.add(name)

@@ -10,9 +10,8 @@ import json
 import os
 
 import trio
+from command import Server
 from trio_websocket import open_websocket_url
-
-from ufaas.config import PoolConfig
 
 MiB = 1 << 20
 CAP = 120
@@ -37,7 +36,7 @@ async def answers_meanwhile(client, request):
             result = await request()
             nursery.cancel_scope.cancel()
         nursery.start_soon(big)
-        await trio.sleep(0)  # let it start sending
+        await trio.lowlevel.checkpoint()  # let it start sending
         while True:
             r = await client.get("/healthz")
             assert r.status_code == 200
@@ -48,7 +47,7 @@ async def answers_meanwhile(client, request):
 async def test_two_million_unknown_keys(start_server, python_config, images):
     """The review's stall: 25 MB of a valid spec plus two million unknown keys."""
     keys = ",".join(f'"k{i}":1' for i in range(2_000_000))
-    body = ('{"image": "%s", "command": "true", %s}' % (images.python, keys)).encode()
+    body = f'{{"image": "{images.python}", "command": "true", {keys}}}'.encode()
     assert len(body) > 24_000_000
     with trio.fail_after(CAP):
         client = await start_server(python_config())
@@ -138,47 +137,29 @@ async def test_big_messages_over_the_socket(start_server, python_config, images)
             assert refused["message"].startswith("timeout"), refused
 
 
-def server_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
 async def test_waiting_functions_keep_their_payload_on_disk(tmp_path, images, test_id,
                                                             test_labels):
     """With the pool busy, ten waiting functions of 20 MB each (a real server process, so
     that its memory is its own): at most pending_bytes of them stays in memory, and each
     runs with its content intact once a container is free."""
-    import re
-    import subprocess
-    import sys
-
     import httpx
 
-    (tmp_path / "ufaas.toml").write_text(
+    config = tmp_path / "ufaas.toml"
+    config.write_text(
         f'db = "{tmp_path / "state.db"}"\npending_bytes = {16 * MiB}\n'
         f"max_file_bytes = {24 * MiB}\nmax_total_bytes = {24 * MiB}\n"
         f'labels = {{ "ufaas.test" = "{test_id}" }}\n'
         f'[[pools]]\nimage = "{images.python}"\nmin_idle = 1\nmax = 1\n')
-    log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ufaas.cli", "--config",
-                                 str(tmp_path / "ufaas.toml"), "--port", "0"],
-                                stdout=out, stderr=out)
+    server = Server(tmp_path, "pending", ["--config", str(config), "--port", "0"])
     try:
         with trio.fail_after(CAP * 2):
-            while not (m := re.search(r"ufaas ready at (\S+)", log.read_text())):
-                assert proc.poll() is None, log.read_text()
-                await trio.sleep(0.05)
-            async with httpx.AsyncClient(base_url=m.group(1), timeout=60) as client:
+            async with httpx.AsyncClient(base_url=await server.ready(), timeout=60) as client:
                 blocker = (await client.post("/fn", json={
                     "image": images.python, "command": "sleep 60"})).json()
                 while (await client.get(f"/fn/{blocker['id']}")).json()["status"] != \
                         "running":
                     await trio.sleep(0.05)
-                before = server_rss(proc.pid)
+                before = server.rss()
                 digests, ids = [], []
                 for _ in range(10):
                     blob = os.urandom(20 * MiB)
@@ -191,7 +172,7 @@ async def test_waiting_functions_keep_their_payload_on_disk(tmp_path, images, te
                     assert r.status_code == 202 and r.json()["status"] == "pending", \
                         r.text[:200]
                     ids.append(r.json()["id"])
-                grown = server_rss(proc.pid) - before
+                grown = server.rss() - before
                 # 200 MB wait; what stays is pending_bytes and the allocator's leftovers.
                 assert grown < 64 * MiB, f"waiting payloads held {grown >> 20} MiB"
                 await client.delete(f"/fn/{blocker['id']}")
@@ -200,5 +181,4 @@ async def test_waiting_functions_keep_their_payload_on_disk(tmp_path, images, te
                     assert rec["status"] == "succeeded", rec
                     assert rec["stdout"].split()[0] == digest
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop()

@@ -3,46 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import subprocess
 
 import pytest
 import trio
-from command import ufaas_command
-
-READY = re.compile(r"ufaas ready at (http://\S+)")
-
-
-class Server:
-    """`ufaas` started as a subprocess, its log in a file."""
-
-    def __init__(self, tmp_path, name, args, env=None):
-        self.log_path = tmp_path / f"{name}.log"
-        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [*ufaas_command(), *args], stdout=self.log, stderr=self.log,
-            env={**os.environ, **(env or {})})
-        self.url = None
-
-    async def ready(self, timeout=30):
-        with trio.fail_after(timeout):
-            while True:
-                text = self.log_path.read_text()
-                if (m := READY.search(text)) is not None:
-                    self.url = m.group(1)
-                    return self.url
-                if self.proc.poll() is not None:
-                    pytest.fail(f"server exited {self.proc.returncode}: {text}")
-                await trio.sleep(0.05)
-
-    def stop(self, sig=signal.SIGTERM, timeout=30):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout)
-        self.log.close()
-        return self.proc.returncode
+from command import Server, ufaas_command
 
 
 @pytest.fixture

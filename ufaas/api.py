@@ -107,7 +107,7 @@ async def body() -> bytes:
 
 def profile_view(p: Profile) -> dict[str, Any]:
     return {"memory": p.memory, "cpus": p.cpus, "pids": p.pids, "network": p.network,
-            "user": p.user, "workdir_size": p.workdir_size}
+            "user": p.user, "workdir_size": p.workdir_size, "tmp_size": p.tmp_size}
 
 
 class _Connection(TrioASGIHTTPConnection):

@@ -55,6 +55,7 @@ class PoolConfig(BaseModel):
     network: bool = False
     user: str | None = None
     workdir_size: int | None = Field(None, description="bytes of the working directories")
+    tmp_size: int | None = Field(None, description="bytes of /tmp, of /var/tmp and of /dev/shm")
 
     @model_validator(mode="after")
     def _sizes(self) -> PoolConfig:
@@ -65,7 +66,7 @@ class PoolConfig(BaseModel):
 
     def profile(self) -> Profile:
         given = {name: getattr(self, name) for name in
-                 ("memory", "cpus", "pids", "network", "user", "workdir_size")}
+                 ("memory", "cpus", "pids", "network", "user", "workdir_size", "tmp_size")}
         return Profile(**{k: v for k, v in given.items() if v is not None})
 
     def sizes(self, config: Config) -> dict[str, Any]:

@@ -11,11 +11,13 @@ import ctypes
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from quart_trio import QuartTrio
 
 from pool import Engine, Pools
 
@@ -59,6 +61,35 @@ def return_big_buffers() -> None:
         pass  # not glibc: its allocator has its own policy
 
 
+@dataclass
+class Service:
+    """Everything one server is made of, built from one Config and nothing else."""
+
+    store: Store
+    engine: Engine
+    pools: Pools
+    downloader: Downloader
+    scheduler: Scheduler
+    app: QuartTrio
+
+    @classmethod
+    def build(cls, config: Config, *, instance: str | None = None,
+              labels: dict[str, str] | None = None) -> Service:
+        """The parts, made but not running (nothing is called yet); close ``store``."""
+        store = Store(config.db, summarize=summarize)
+        engine = Engine(config.docker_host, call_timeout=config.engine_timeout)
+        pools = Pools(engine, home=home(config.db), instance=instance,
+                      labels={**config.labels, **(labels or {})}, min_idle=config.min_idle,
+                      max=config.max, idle_ttl=config.idle_ttl)
+        downloader = Downloader(max_bytes=config.download_max_bytes,
+                                timeout=config.download_timeout, allow=config.fetch_allow,
+                                proxy=config.fetch_proxy)
+        scheduler = Scheduler(config, store, pools, downloader,
+                              Hub(max_bytes=config.stream_buffer), Parser(config))
+        return cls(store, engine, pools, downloader, scheduler,
+                   create_app(scheduler, config, healthy=engine.ping))
+
+
 async def serve(
     config: Config,
     *,
@@ -72,28 +103,15 @@ async def serve(
         raise InsecureBind(f"refusing to listen on {config.host} without a token: set "
                            "--token (or UFAAS_TOKEN), or pass --insecure")
     return_big_buffers()
-    store = Store(config.db, summarize=summarize)
-    engine = Engine(config.docker_host, call_timeout=config.engine_timeout)
+    service = Service.build(config, instance=instance, labels=labels)
     try:
-        pools = Pools(engine, home=home(config.db), instance=instance,
-                      labels={**config.labels, **(labels or {})}, min_idle=config.min_idle,
-                      max=config.max, idle_ttl=config.idle_ttl)
-        downloader = Downloader(max_bytes=config.download_max_bytes,
-                                timeout=config.download_timeout, allow=config.fetch_allow,
-                                proxy=config.fetch_proxy)
-        parser = Parser(config)
-        scheduler = Scheduler(config, store, pools, downloader,
-                              Hub(max_bytes=config.stream_buffer), parser)
-        app = create_app(scheduler, config, healthy=engine.ping)
-        try:
-            await _serve_http(config, pools, scheduler, app, shutdown_trigger, task_status)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(ENGINE_CLOSE):
-                await downloader.aclose()
+        await _serve_http(config, service.pools, service.scheduler, service.app,
+                          shutdown_trigger, task_status)
     finally:
-        store.close()
+        service.store.close()
         with trio.CancelScope(shield=True), trio.move_on_after(ENGINE_CLOSE):
-            await engine.aclose()
+            await service.downloader.aclose()
+            await service.engine.aclose()
 
 
 async def _serve_http(config: Config, pools: Pools, scheduler: Scheduler, app: object,

@@ -442,7 +442,10 @@ def check_shape(data: object, limits: Limits) -> None:
     unknown = _MESSAGES["extra_forbidden"]
     for name in data:
         if name not in _SPEC_FIELDS:
-            problem(str(name), unknown)
+            try:
+                problem(_utf8(str(name)), unknown)
+            except ValueError:  # a name no client could read back
+                problem("spec", _MESSAGES["string_unicode"])
     resources, env, command = data.get("resources"), data.get("env"), data.get("command")
     if isinstance(resources, list):
         if len(resources) > limits.max_resources:
@@ -452,7 +455,10 @@ def check_shape(data: object, limits: Limits) -> None:
             for i, resource in enumerate(resources):
                 for name in resource if isinstance(resource, dict) else ():
                     if name not in _RESOURCE_FIELDS:
-                        problem(f"resources.{i}.{name}", unknown)
+                        try:
+                            problem(f"resources.{i}.{_utf8(str(name))}", unknown)
+                        except ValueError:
+                            problem(f"resources.{i}", _MESSAGES["string_unicode"])
     if isinstance(env, dict) and len(env) > MAX_ENV_ENTRIES:
         problem("env", f"{len(env)} variables: at most {MAX_ENV_ENTRIES} are allowed")
     if isinstance(command, list) and len(command) > MAX_ARGS:
