@@ -146,13 +146,20 @@ def oom_kills():
     return None
 
 
+_ROOT_IS_MOUNT = []  # type: list  # known once: a mount point does not come and go
+
+
 def disk_low():
     """True when the working directories' own filesystem has under 1/8 of it free."""
+    if not _ROOT_IS_MOUNT:
+        _ROOT_IS_MOUNT.append(os.path.ismount(ROOT))
+    if not _ROOT_IS_MOUNT[0]:
+        return False
     try:
         st = os.statvfs(ROOT)
     except OSError:
         return False
-    return os.path.ismount(ROOT) and st.f_bavail * 8 < st.f_blocks
+    return st.f_bavail * 8 < st.f_blocks
 
 
 def pids():
@@ -171,13 +178,22 @@ def real_uid(pid):
     return None
 
 
+_found = {}  # type: dict  # (command, PATH) -> a file outside every working directory
+
+
 def which(command, path, cwd):
     """The file ``command`` names, searched in ``path`` (bytes) as exec would."""
     if b"/" in command:
         return command
-    for directory in (path or b"/usr/local/bin:/usr/bin:/bin").split(b":"):
+    path = path or b"/usr/local/bin:/usr/bin:/bin"
+    known = _found.get((command, path))
+    if known is not None:  # on a read-only root it is where it was
+        return known
+    for directory in path.split(b":"):
         candidate = os.path.join(cwd, directory or b".", command)
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            if directory.startswith(b"/") and not candidate.startswith(os.fsencode(ROOT)):
+                _found[(command, path)] = candidate
             return candidate
     return None
 
@@ -217,27 +233,23 @@ class Identity:
             os.seteuid(0)
             os.setegid(0)
 
-    def spawn(self, path, argv, env, cwd, fds):
-        """Start a function: ``fds`` become its stdin, stdout and stderr; it leads a session
-        of its own. Uses vfork (posix_spawn): the agent's memory is never copied."""
+    def spawn(self, path, argv, env, fds):
+        """Start a function in the current directory: ``fds`` become its stdin, stdout and
+        stderr; it leads a session of its own. Uses vfork (posix_spawn): the agent's memory
+        is never copied."""
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
-        with self.acting():
-            os.chdir(cwd)  # checked as the user: the working directory is theirs alone
+        if self.switch:
+            # No process of the user exists now (the last function's were killed): for
+            # the instant of the spawn, the agent's real uid can be theirs, which the
+            # child takes as its own (resetids) on its way to exec.
+            os.setresuid(self.uid, 0, 0)
         try:
-            if self.switch:
-                # No process of the user exists now (the last function's were killed): for
-                # the instant of the spawn, the agent's real uid can be theirs, which the
-                # child takes as its own (resetids) on its way to exec.
-                os.setresuid(self.uid, 0, 0)
-            try:
-                return os.posix_spawn(
-                    path, argv, env, file_actions=actions, setsid=True,
-                    resetids=self.switch, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
-            finally:
-                if self.switch:
-                    os.setresuid(0, 0, 0)
+            return os.posix_spawn(
+                path, argv, env, file_actions=actions, setsid=True,
+                resetids=self.switch, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
         finally:
-            os.chdir("/")
+            if self.switch:
+                os.setresuid(0, 0, 0)
 
     def owns(self, pid):
         """Whether process ``pid`` is a function's (when the agent cannot tell by uid: every
@@ -258,6 +270,8 @@ class Agent:
         self.inbox = bytearray()
         self.open = True
         self.in_container = IN_CONTAINER in sys.argv[1:]
+        # The OOM count as the last run left it: nothing else runs here in between.
+        self.oom_count = oom_kills()
 
     def serve(self):
         stdin = sys.stdin.buffer.raw.fileno()
@@ -328,18 +342,18 @@ class Agent:
     # -- places ----------------------------------------------------------------------------
 
     def workdir(self, token):
-        """The working directory ``token`` names, made (as the user) if it is new."""
+        """The working directory ``token`` names, made if it is new (call it acting as the
+        user), and an open descriptor of it."""
         token = os.path.basename(token)
         path = os.path.join(ROOT, token)
-        with self.id.acting():
-            try:
-                os.mkdir(path, 0o700)
-            except FileExistsError:
-                pass
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            except OSError:  # a symlink or a file that a function left in its place
-                raise Refused("the working directory is not a directory of its own")
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:  # a symlink or a file that a function left in its place
+            raise Refused("the working directory is not a directory of its own")
         self.workdirs.add(token)
         return path, fd
 
@@ -485,8 +499,15 @@ class Run:
         except Refused as exc:
             return self.finish({"refused": str(exc), "clean": True})
         except Exception as exc:
+            os.chdir("/")
             return self.finish({"error": "%s: %s" % (type(exc).__name__, exc),
                                 "clean": self.agent.kill_functions()})
+        try:
+            self.spawn(h, workdir)
+        finally:
+            os.chdir("/")  # prepare() entered the working directory, for the spawn
+
+    def spawn(self, h, workdir):
         # Bytes, from a copy encoded once: encoding every variable on every run costs.
         env = dict(self.agent.env)
         for key, value in (("UFAAS_WORKDIR", workdir), ("HOME", workdir), ("PWD", workdir),
@@ -499,10 +520,10 @@ class Run:
         stdin_r, stdin_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        self.oom_before = oom_kills()
+        self.oom_before = self.agent.oom_count
         self.started = time.monotonic()
         try:
-            self.pid = self.agent.id.spawn(path, argv, env, workdir, (stdin_r, out_w, err_w))
+            self.pid = self.agent.id.spawn(path, argv, env, (stdin_r, out_w, err_w))
         except OSError as exc:
             for fd in (stdin_r, stdin_w, out_r, out_w, err_r, err_w):
                 os.close(fd)
@@ -532,12 +553,14 @@ class Run:
                             "clean": True})
 
     def prepare(self, h):
-        workdir, wfd = self.agent.workdir(h["workdir"])
-        try:
-            with self.agent.id.acting():
+        """Its working directory, with its files, entered: all of it as the user."""
+        with self.agent.id.acting():
+            workdir, wfd = self.agent.workdir(h["workdir"])
+            try:
                 write_files(wfd, h.get("files", []), self.body)
-        finally:
-            os.close(wfd)
+                os.fchdir(wfd)  # the spawn's cwd: a place only the user may enter
+            finally:
+                os.close(wfd)
         return workdir
 
     def watch_exit(self):
@@ -658,7 +681,7 @@ class Run:
             return
         self.close_stdin()
         status = self.status
-        oom_after = oom_kills()
+        oom_after = self.agent.oom_count = oom_kills()
         self.finish({
             "exit_code": status if status >= 0 else None,
             "signal": -status if status < 0 else None,

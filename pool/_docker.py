@@ -181,6 +181,9 @@ class Engine:
             # container's memory limit (the per-container budget the kernel enforces).
             read_only=True,
             shm_size=profile.tmp_size,
+            # SysV shared memory goes with the last process attached to it, even where the
+            # clean-up between functions cannot remove it (an image without python3).
+            sysctls={"kernel.shm_rmid_forced": "1"},
             tmpfs={
                 "/tmp": temp, "/var/tmp": temp, "/run": "size=1m,mode=0755,nosuid,nodev",
                 # Working directories: the root owns their parent; sticky, and not
