@@ -8,6 +8,7 @@ from ._docker import DEFAULT_CALL_TIMEOUT, ContainerInfo, Engine, EngineError, I
 from ._pool import (
     DEFAULT_IDLE_TTL,
     DEFAULT_MAX,
+    DEFAULT_MAX_CONTAINERS,
     DEFAULT_MIN_IDLE,
     Container,
     Lease,
@@ -34,7 +35,8 @@ from ._types import (
 )
 
 __all__ = [
-    "DEFAULT_CALL_TIMEOUT", "DEFAULT_IDLE_TTL", "DEFAULT_MAX", "DEFAULT_MIN_IDLE",
+    "DEFAULT_CALL_TIMEOUT", "DEFAULT_IDLE_TTL", "DEFAULT_MAX", "DEFAULT_MAX_CONTAINERS",
+    "DEFAULT_MIN_IDLE",
     "DEFAULT_OUTPUT_CAP", "WORKDIR_ROOT", "BadFile", "Container", "ContainerInfo", "Engine",
     "EngineError", "File", "ImageMissing", "Job", "Lease", "LeaseTimeout", "MiB", "Place",
     "Pool", "PoolClosed", "PoolError", "PoolStatistics", "Pools", "Profile", "Result",

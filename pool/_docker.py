@@ -219,6 +219,16 @@ class Engine:
             raise
         return cid, stream
 
+    async def image_id(self, image: str) -> str:
+        """The ID of ``image`` (any spelling: a name, a tag, a digest, an ID or a prefix of
+        one), pulled first when the engine lacks it; raise ImageMissing."""
+        api = await self.api()
+        try:
+            return str((await self.call(api.inspect_image, image))["Id"])
+        except ImageMissing:
+            await self.pull(image)
+            return str((await self.call(api.inspect_image, image))["Id"])
+
     async def pull(self, image: str) -> None:
         repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
         client = self._sdk()

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +43,12 @@ DEFAULT_MAX = 4
 DEFAULT_IDLE_TTL = 300.0
 DEFAULT_WATCH_INTERVAL = 2.0
 DEFAULT_WORKDIRS_KEPT = 16
+DEFAULT_MAX_CONTAINERS = 32
 CLEANUP_TIMEOUT = 15.0
-_BACKOFF_MAX = 5.0
+# Failed starts are retried ever later, up to this (an image removed behind our back, say).
+_BACKOFF_MAX = 60.0
+# How long an image name keeps the ID it was resolved to: a tag built again is seen then.
+IMAGE_ID_TTL = 60.0
 
 
 class PoolError(Exception):
@@ -155,6 +159,39 @@ class Lease:
         return result
 
 
+class Budget:
+    """A cap on the containers of several pools together: a pool that needs one more when
+    the cap is reached makes room by retiring an idle container of another pool."""
+
+    def __init__(self, limit: int, pools: Callable[[], Iterable[Pool]]) -> None:
+        self.limit = limit
+        self._pools = pools
+
+    def room(self) -> int:
+        return self.limit - sum(p.size() for p in self._pools())
+
+    def make_room(self, asking: Pool) -> bool:
+        """Retire one idle container of another pool (the least recently used one beyond
+        its pool's ``min_idle``, else one of a pool not configured); True if one went."""
+        candidates = []
+        for pool in self._pools():
+            if pool is asking:
+                continue
+            spare = len(pool._idle) - (pool.min_idle if pool.configured else 0)
+            candidates += [(c.last_used, c, pool) for c in list(pool._idle)[:max(spare, 0)]]
+        if not candidates:
+            return False
+        _, container, pool = min(candidates, key=lambda item: item[0])
+        pool._retire(container)
+        return True
+
+    def freed(self) -> None:
+        """A container went: pools waiting for room may start one now."""
+        for pool in self._pools():
+            if pool._waiters:
+                pool._wake.set()
+
+
 class Pool:
     """Warm containers of one image and profile.
 
@@ -178,11 +215,21 @@ class Pool:
         idle_ttl: float = DEFAULT_IDLE_TTL,
         watch_interval: float = DEFAULT_WATCH_INTERVAL,
         workdirs_kept: int = DEFAULT_WORKDIRS_KEPT,
+        budget: Budget | None = None,
+        configured: bool = True,
+        reference: str | None = None,
     ) -> None:
+        """``budget`` caps this pool's containers together with other pools'; a pool not
+        ``configured`` gives up its containers first when room is needed. ``reference``
+        is how the image was named (``image`` may be its ID)."""
         if max < 1 or min_idle < 0 or min_idle > max:
             raise ValueError("need 0 <= min_idle <= max and max >= 1")
         self.engine = engine
         self.image = image
+        self.reference = reference or image
+        self.budget = budget
+        self.configured = configured
+        self.last_leased = time.monotonic()
         self.profile = profile or Profile()
         self.name = name or image
         self.instance = instance or uuid.uuid4().hex[:12]
@@ -203,19 +250,22 @@ class Pool:
         self._wake = trio.Event()
         self._parked = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._scope: trio.CancelScope | None = None
         self._closed = False
 
     # -- life -----------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[Pool] = trio.TASK_STATUS_IGNORED
                     ) -> None:
-        """Fill, watch and reap until cancelled; then remove every container of the pool."""
+        """Fill, watch and reap until cancelled or closed; then remove every container of
+        the pool."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._fill_forever)
-                nursery.start_soon(self._watch_forever)
-                task_status.started(self)
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._fill_forever)
+                    nursery.start_soon(self._watch_forever)
+                    task_status.started(self)
         finally:
             self._closed = True
             for w in self._waiters:
@@ -235,6 +285,20 @@ class Pool:
                 await self.engine.remove(info.id)
         except EngineError as exc:
             log.warning("pool %s: final clean-up incomplete: %s", self.name, exc)
+
+    def close(self) -> None:
+        """Stop serving: ``serve`` removes every container and returns."""
+        self._closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def size(self) -> int:
+        """Containers it has or is starting (what counts against a budget)."""
+        return len(self._containers) + self._starting
+
+    def in_use(self) -> bool:
+        return bool(self._waiters or self._starting
+                    or any(c.state == "busy" for c in self._containers.values()))
 
     async def wait_warm(self, count: int | None = None, timeout: float = 60.0) -> None:
         """Wait until ``count`` (default ``min_idle``) containers are idle."""
@@ -363,6 +427,7 @@ class Pool:
     def _take(self, c: Container) -> None:
         c.state = "busy"
         c.uses += 1
+        self.last_leased = time.monotonic()
         if c in self._idle:
             self._idle.remove(c)
         if self._deficit() > 0:  # else the filler has nothing to do: let it sleep
@@ -407,6 +472,8 @@ class Pool:
             w.event.set()
         self._spawn(self._destroy_now, c)
         self._wake.set()
+        if self.budget is not None:
+            self.budget.freed()
 
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         if self._nursery is not None and not self._closed:
@@ -438,7 +505,14 @@ class Pool:
     def _deficit(self) -> int:
         total = len(self._containers) + self._starting
         want = max(self.min_idle - len(self._idle), 0) + len(self._waiters) - self._starting
-        return max(min(self.max - total, want), 0)
+        deficit = max(min(self.max - total, want), 0)
+        if self.budget is not None and deficit:
+            room = self.budget.room()
+            # A function waits and the cap is reached: an idle container elsewhere goes.
+            while room < min(deficit, len(self._waiters)) and self.budget.make_room(self):
+                room += 1
+            deficit = max(min(deficit, room), 0)
+        return deficit
 
     async def _fill_forever(self) -> None:
         backoff = 0.0
@@ -573,17 +647,21 @@ class Pools:
         home: str = "default",
         instance: str | None = None,
         labels: Mapping[str, str] | None = None,
+        max_containers: int = DEFAULT_MAX_CONTAINERS,
         **defaults: Any,
     ) -> None:
-        """``defaults`` are :class:`Pool` settings (``min_idle``, ``max``, ...) for every
-        pool that :meth:`add` is not given them for; the rest keep Pool's own."""
+        """``defaults`` are :class:`Pool` settings (``min_idle``, ``max``, ``idle_ttl``...)
+        for every pool that :meth:`add` is not given them for; the rest keep Pool's own.
+        All pools together have at most ``max_containers``."""
         self.engine = engine
         self.home = home
         self.instance = instance or uuid.uuid4().hex[:12]
         self.labels = {**(labels or {}), "ufaas.home": home}
         self.defaults = defaults
+        self.budget = Budget(max_containers, lambda: self._pools.values())
         self._pools: dict[tuple[str, Profile], Pool] = {}
         self._starting: dict[tuple[str, Profile], trio.Event] = {}
+        self._ids: dict[str, tuple[str, float]] = {}  # image name -> (ID, when resolved)
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[Pools] = trio.TASK_STATUS_IGNORED
@@ -594,7 +672,7 @@ class Pools:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started(self)
-                await trio.sleep_forever()
+                await self._reap_forever()
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
@@ -617,10 +695,14 @@ class Pools:
                 nursery.start_soon(self.engine.remove, c.id)
         return len(stale)
 
-    async def add(self, image: str, profile: Profile | None = None, **settings: object) -> Pool:
-        """Start the pool for ``image`` and ``profile`` if it does not run yet; return it."""
+    async def add(self, image: str, profile: Profile | None = None, *,
+                  configured: bool = False, **settings: object) -> Pool:
+        """The pool of ``image`` (however spelt: pools are keyed by the engine's image ID)
+        and ``profile``, started if it does not run yet. Raise PoolError when the image is
+        neither here nor pullable. A pool not ``configured`` goes once unused for its
+        ``idle_ttl``."""
         profile = profile or Profile()
-        key = (image, profile)
+        key = (await self._resolve(image), profile)
         while key not in self._pools:
             if key in self._starting:
                 await self._starting[key].wait()
@@ -630,16 +712,47 @@ class Pools:
             done = self._starting[key] = trio.Event()
             try:
                 options = {**self.defaults, **settings}
-                pool = Pool(self.engine, image, profile, name=pool_name(image, profile),
-                            instance=self.instance, labels=self.labels, **options)
+                pool = Pool(self.engine, key[0], profile, name=pool_name(image, profile),
+                            instance=self.instance, labels=self.labels, budget=self.budget,
+                            configured=configured, reference=image, **options)
                 self._pools[key] = await self._nursery.start(pool.serve)
             finally:
                 del self._starting[key]
                 done.set()
-        return self._pools[key]
+        pool = self._pools[key]
+        pool.configured = pool.configured or configured
+        return pool
+
+    async def _resolve(self, image: str) -> str:
+        known = self._ids.get(image)
+        if known is not None and time.monotonic() - known[1] < IMAGE_ID_TTL:
+            return known[0]
+        try:
+            image_id = await self.engine.image_id(image)
+        except ImageMissing as exc:
+            raise PoolError(f"image {image!r} is not available: {exc}") from exc
+        except EngineError as exc:
+            raise PoolError(f"image {image!r}: {exc}") from exc
+        self._ids[image] = (image_id, time.monotonic())
+        return image_id
 
     def get(self, image: str, profile: Profile | None = None) -> Pool | None:
-        return self._pools.get((image, profile or Profile()))
+        """The pool of ``image`` and ``profile`` if it runs, asking the engine nothing."""
+        known = self._ids.get(image)
+        return None if known is None else self._pools.get((known[0], profile or Profile()))
+
+    async def _reap_forever(self) -> None:
+        """Close pools not configured that nobody has used for their ``idle_ttl``: an image
+        asked for once keeps no container for good."""
+        while True:
+            await trio.sleep(self.defaults.get("watch_interval", DEFAULT_WATCH_INTERVAL))
+            now = time.monotonic()
+            for key, pool in list(self._pools.items()):
+                if (not pool.configured and not pool.in_use()
+                        and now - pool.last_leased > pool.idle_ttl):
+                    log.info("pool %s: unused for %g s, closed", pool.name, pool.idle_ttl)
+                    del self._pools[key]
+                    pool.close()
 
     def find(self, cid: str) -> Pool | None:
         """The pool that owns container ``cid``, if any."""

@@ -311,6 +311,82 @@ async def test_pools_clean_up_everything(engine, images, test_id, test_labels, d
     assert docker_client.containers.list(all=True, filters={"label": label}) == []
 
 
+@asynccontextmanager
+async def pools_serving(engine, test_id, test_labels, **kw):
+    async with trio.open_nursery() as nursery:
+        pools = Pools(engine, home=f"{test_id}-home", instance=f"{test_id}-pools",
+                      labels=test_labels, watch_interval=0.2, **kw)
+        await nursery.start(pools.serve)
+        yield pools
+        nursery.cancel_scope.cancel()
+
+
+def containers(docker_client, test_id):
+    # Removed ones may vanish between the listing and their details: not an error here.
+    return docker_client.containers.list(
+        all=True, filters={"label": f"ufaas.instance={test_id}-pools"}, ignore_removed=True)
+
+
+async def test_every_spelling_of_an_image_is_one_pool(engine, images, test_id, test_labels,
+                                                    docker_client):
+    image_id = docker_client.images.get(images.python).id
+    spellings = [images.python, f"{images.python}:latest", f"docker.io/{images.python}",
+                 f"docker.io/{images.python}:latest", image_id,
+                 image_id.removeprefix("sha256:")[:12]]
+    with trio.fail_after(60):
+        async with pools_serving(engine, test_id, test_labels, min_idle=1, max=2) as pools:
+            found = {id(await pools.add(spelling, PROFILE)) for spelling in spellings}
+            assert len(found) == 1
+            (pool,) = list(pools)
+            await pool.wait_warm()
+            assert pool.image == image_id and pool.reference == images.python
+            assert len(containers(docker_client, test_id)) == 1
+            with pytest.raises(PoolError, match="not available"):
+                await pools.add("ufaas-test/no-such-image", PROFILE)
+            assert len(list(pools)) == 1  # nothing is left to retry it
+
+
+async def test_a_cap_on_all_pools_together(engine, images, test_id, test_labels,
+                                           docker_client):
+    """Two containers in all: a function that needs a second python container gets it by
+    retiring the idle busybox one."""
+    with trio.fail_after(60):
+        async with pools_serving(engine, test_id, test_labels, min_idle=1, max=2,
+                                 max_containers=2) as pools:
+            python = await pools.add(images.python, PROFILE)
+            busybox = await pools.add(images.busybox, PROFILE)
+            await python.wait_warm()
+            await busybox.wait_warm()
+            async with python.lease() as first:
+                assert len(containers(docker_client, test_id)) == 2
+                async with python.lease(timeout=30) as second:
+                    assert second.container is not first.container
+                    result = await second.run(Job(["echo", "room"]))
+                    assert result.stdout == b"room\n"
+                    assert busybox.statistics().total == 0
+                    assert pools.budget.room() == 0
+
+
+async def test_pools_not_configured_go_when_unused(engine, images, test_id, test_labels,
+                                                   docker_client):
+    with trio.fail_after(60):
+        async with pools_serving(engine, test_id, test_labels, min_idle=1, max=1,
+                                 idle_ttl=1.0) as pools:
+            kept = await pools.add(images.python, PROFILE, configured=True)
+            used = await pools.add(images.busybox, PROFILE)
+            await kept.wait_warm()
+            await used.wait_warm()
+            _, result = await run(used, Job(["true"]))
+            assert result.exit_code == 0
+            while pools.get(images.busybox, PROFILE) is not None:
+                await trio.sleep(0.1)
+            while len(containers(docker_client, test_id)) > 1:
+                await trio.sleep(0.1)
+            assert pools.get(images.python, PROFILE) is kept
+            (left,) = containers(docker_client, test_id)
+            assert left.labels["ufaas.pool"] == kept.name
+
+
 async def test_functions_run_unprivileged(engine, image, test_id, test_labels):
     # What the container's flags (checked in test_faults) mean for the function itself.
     with trio.fail_after(60):

@@ -286,7 +286,7 @@ def create_app(scheduler: Scheduler, config: Config,
         for p in scheduler.pools:
             s = p.statistics()
             shown.append({
-                "name": s.name, "image": s.image, "mode": s.mode,
+                "name": s.name, "image": p.reference, "image_id": p.image, "mode": s.mode,
                 "profile": profile_view(p.profile), "warm": s.idle, "busy": s.busy,
                 "starting": s.starting, "total": s.total, "queued": s.waiting,
                 "min_idle": p.min_idle, "max": p.max, "last_error": s.last_error,

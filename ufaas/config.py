@@ -109,6 +109,8 @@ class Config(BaseModel):
                                 "listing returns (one record at least)")
     # Pools made on first use for images not listed in [[pools]], and the sizes of those
     # listed that do not give their own.
+    max_containers: int = Field(pool.DEFAULT_MAX_CONTAINERS, ge=1, description="containers "
+                                "of every pool together")
     min_idle: int = Field(pool.DEFAULT_MIN_IDLE, ge=0)
     max: int = Field(pool.DEFAULT_MAX, ge=1)
     idle_ttl: float = Field(pool.DEFAULT_IDLE_TTL, gt=0)

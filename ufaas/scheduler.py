@@ -4,13 +4,14 @@ container: a warm one of its pool, or the one of the function it follows. No HTT
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import trio
 
-from pool import File, Lease, Place, Pool, Pools, Profile
+from pool import File, Lease, Place, Pool, PoolError, Pools, Profile
 
 from .config import Config
 from .fetch import Downloader, FetchError
@@ -19,6 +20,8 @@ from .live import Event, Hub, StdinClosed, Watcher, output_events
 from .parser import Parsed, Parser
 from .spec import Resource, Spec, SpecError, resource_file
 from .store import ACTIVE, Record, Store
+
+log = logging.getLogger("ufaas")
 
 # How long a DELETE waits for its function to be gone before answering.
 CANCEL_WAIT = 5.0
@@ -58,6 +61,7 @@ class Scheduler:
         self._pinned = 0  # bytes of spec content held by waiting functions
         # Looked up for every function: made once.
         self._profiles = config.profiles()
+        self._configured = {(pc.image, pc.network): pc for pc in reversed(config.pools)}
         self._default_profiles = {net: Profile(network=net) for net in (False, True)}
         self._nursery: trio.Nursery | None = None
 
@@ -65,7 +69,11 @@ class Scheduler:
                     ) -> None:
         async with trio.open_nursery() as nursery:
             for pc in self.config.pools:
-                await self.pools.add(pc.image, pc.profile(), **pc.sizes(self.config))
+                try:
+                    await self.pools.add(pc.image, pc.profile(), configured=True,
+                                         **pc.sizes(self.config))
+                except PoolError as exc:  # its functions will say so; the rest serve on
+                    log.warning("pool %s not started: %s", pc.image, exc)
             self._nursery = nursery
             for record in self.store.recover():
                 self._start(Function(record, self.store, self.hub, dequeued=self._dequeued))
@@ -287,6 +295,10 @@ class Scheduler:
         """The pool of a spec's image and profile (from its record's summary), started if it
         does not run yet."""
         image, network = summary.get("image") or "", bool(summary.get("network"))
+        configured = self._configured.get((image, network))
+        if configured is not None:
+            return await self.pools.add(image, configured.profile(), configured=True,
+                                        **configured.sizes(self.config))
         return await self.pools.add(image, self._profile(image, network))
 
     async def place_of(self, fid: str) -> Place | None:

@@ -79,7 +79,8 @@ class Service:
         store = Store(config.db, summarize=summarize)
         engine = Engine(config.docker_host, call_timeout=config.engine_timeout)
         pools = Pools(engine, home=home(config.db), instance=instance,
-                      labels={**config.labels, **(labels or {})}, min_idle=config.min_idle,
+                      labels={**config.labels, **(labels or {})},
+                      max_containers=config.max_containers, min_idle=config.min_idle,
                       max=config.max, idle_ttl=config.idle_ttl)
         downloader = Downloader(max_bytes=config.download_max_bytes,
                                 timeout=config.download_timeout, allow=config.fetch_allow,
