@@ -131,3 +131,20 @@ def test_settings_from_environment_and_toml(tmp_path):
     with pytest.raises(ConfigError, match="min_idle"):
         Config.load(path, environ={})
     assert json.loads(Config.load(None, environ={}).model_dump_json())["host"] == "127.0.0.1"
+
+
+async def test_containers_die_with_their_server(tmp_path, config_file, docker_client,
+                                                test_id, test_labels):
+    """The dead-man's switch: a server killed outright, and never started again, leaves no
+    container behind: each sees its stdin end, stops, and the engine removes it."""
+    server = Server(tmp_path, "doomed", ["--config", str(config_file), "--port", "0"])
+    try:
+        with trio.fail_after(60):
+            await server.ready()
+            while not labelled(docker_client, test_id):
+                await trio.sleep(0.1)
+            server.stop(signal.SIGKILL)
+            while labelled(docker_client, test_id):
+                await trio.sleep(0.2)
+    finally:
+        server.stop(signal.SIGKILL)

@@ -33,8 +33,6 @@ from .ws import serve_socket
 
 log = logging.getLogger("ufaas")
 
-# How long a client may take to send a request body (Quart's BODY_TIMEOUT).
-BODY_TIMEOUT = 60.0
 JSON_TYPE = "application/json"
 
 
@@ -111,16 +109,26 @@ def profile_view(p: Profile) -> dict[str, Any]:
 
 
 class _Connection(TrioASGIHTTPConnection):
-    """Quart-Trio's handling of one HTTP request, with two steps less for every answer: the
-    request is handled in the task hypercorn gave it (only the body and a disconnect are
-    watched by a task of their own), and a body held in memory goes with the end of the
-    response (two ASGI messages, not three)."""
+    """Quart-Trio's handling of one HTTP request, answered whole and with two steps less:
+
+    - the request is handled in the task hypercorn gave it; only the body and a disconnect
+      are watched by a task of their own;
+    - once started, the answer is sent shielded (within ``send_timeout``): hypercorn closes
+      a ``Connection: close`` connection from inside that send, and Quart-Trio's watcher,
+      seeing the disconnect this causes, would cancel it half-way, leaving it open;
+    - a body held in memory goes with the end of the response (two ASGI messages, not
+      three).
+    """
 
     async def __call__(self, receive: Any, send: Any) -> None:
         request = self._create_request_from_scope(send)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.handle_messages, nursery, request, receive)
-            await self.handle_request(nursery, request, send)
+            response = await self.app.handle_request(request)
+            with trio.CancelScope(shield=True) as answering:
+                answering.deadline = trio.current_time() + self.app.config["SEND_TIMEOUT"]
+                await self._send_response(send, response)
+            nursery.cancel_scope.cancel()
 
     async def _send_response(self, send: Any, response: Any) -> None:
         body = getattr(response, "response", None)
@@ -140,9 +148,9 @@ def create_app(scheduler: Scheduler, config: Config,
                healthy: Callable[[], Awaitable[bool]]) -> QuartTrio:
     app = _App("ufaas")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
-    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT
+    app.config["BODY_TIMEOUT"] = config.body_timeout
+    app.config["SEND_TIMEOUT"] = config.send_timeout
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
-    app.config["RESPONSE_TIMEOUT"] = None  # answers are in memory: sending them is bounded
     token = (config.token or "").encode()
 
     @app.before_request

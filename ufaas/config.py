@@ -126,6 +126,13 @@ class Config(BaseModel):
                                    "although the address policy refuses them")
     fetch_proxy: str | None = Field(None, description="an HTTP proxy for downloads (proxy "
                                     "variables of the environment are never used)")
+    # The HTTP server's own deadlines on its clients.
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client may take to "
+                                  "send a request's head, and may stay idle between two")
+    body_timeout: float = Field(60.0, gt=0, description="seconds a client may take to send "
+                                "a request's body")
+    send_timeout: float = Field(60.0, gt=0, description="seconds an answer may take to "
+                                "reach its client")
     # Engine and shutdown.
     engine_timeout: float = Field(pool.DEFAULT_CALL_TIMEOUT, gt=0,
                                   description="deadline of one engine call")

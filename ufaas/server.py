@@ -123,7 +123,9 @@ async def _serve_http(config: Config, pools: Pools, scheduler: Scheduler, app: o
     hconfig.bind = [f"{host}:{config.port}"]
     hconfig.accesslog = None
     hconfig.graceful_timeout = HTTP_GRACE
-    hconfig.keep_alive_timeout = 75.0
+    # Counted from the connection (or the last answer) to a request's complete head, so
+    # it bounds a client that trickles its headers as well as an idle one.
+    hconfig.keep_alive_timeout = config.header_timeout
     stop_http = trio.Event()
 
     # Nested by lifetime: functions end (and are recorded) before their pools go.

@@ -1,0 +1,81 @@
+"""The HTTP server's deadlines on its clients, with raw sockets against the real server:
+none may hold a connection (or the server) for longer than the configured timeouts."""
+
+from __future__ import annotations
+
+import trio
+
+CAP = 60
+
+
+async def connect(client):
+    host, port = client.base_url.host, client.base_url.port
+    return await trio.open_tcp_stream(host, port)
+
+
+async def until_closed(stream, *, feed: bytes = b"", every: float = 0.2) -> bytes:
+    """Read (sending ``feed`` every ``every`` seconds) until the server closes; what it
+    sent meanwhile."""
+    got = b""
+    while True:
+        if feed:
+            try:
+                await stream.send_all(feed)
+            except trio.BrokenResourceError:
+                return got
+        with trio.move_on_after(every):
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return got
+            if not data:
+                return got
+            got += data
+
+
+async def test_connection_close_is_honoured(start_server, make_config):
+    with trio.fail_after(CAP):
+        client = await start_server(make_config())
+        stream = await connect(client)
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await until_closed(stream)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status": "ok"}')
+
+
+async def test_trickled_and_idle_connections_are_closed(start_server, make_config):
+    """250 clients trickling their headers a byte at a time, and idle keep-alive ones: each
+    is closed once header_timeout has passed, and the server serves others meanwhile."""
+    with trio.fail_after(CAP):
+        client = await start_server(make_config(header_timeout=2))
+        trickled, idled = [], []
+
+        async def trickler():
+            stream = await connect(client)
+            trickled.append(await until_closed(stream, feed=b"X", every=0.25))
+
+        async def idler():
+            stream = await connect(client)
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            idled.append(await until_closed(stream))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(250):
+                nursery.start_soon(trickler)
+            nursery.start_soon(idler)
+            # Served meanwhile, on a connection of its own.
+            for _ in range(5):
+                assert (await client.get("/healthz")).status_code == 200
+        assert len(trickled) == 250  # each got nothing but its connection closed
+        assert all(not answer.startswith(b"HTTP/1.1 2") for answer in trickled)
+        (answer,) = idled  # answered, then closed once idle
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status": "ok"}')
+
+
+async def test_a_trickled_body_is_refused(start_server, make_config):
+    with trio.fail_after(CAP):
+        client = await start_server(make_config(body_timeout=1))
+        stream = await connect(client)
+        await stream.send_all(b"POST /fn HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        answer = await until_closed(stream, feed=b" ", every=0.3)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert (await client.get("/fn?status=all")).json() == []
