@@ -25,7 +25,8 @@ def config_file(tmp_path, images, test_id):
 
 
 def labelled(docker_client, test_id):
-    return docker_client.containers.list(all=True, filters={"label": f"ufaas.test={test_id}"})
+    return docker_client.containers.list(all=True, filters={"label": f"ufaas.test={test_id}"},
+                                         ignore_removed=True)
 
 
 async def test_restart_after_sigkill(tmp_path, config_file, images, docker_client, test_id,

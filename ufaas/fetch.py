@@ -53,7 +53,7 @@ class Forbidden(FetchError):
 _RULES: tuple[tuple[str, str], ...] = (
     ("is_unspecified", "unspecified"), ("is_loopback", "loopback"),
     ("is_link_local", "link-local"), ("is_multicast", "multicast"),
-    ("is_private", "private"), ("is_reserved", "reserved"),
+    ("is_reserved", "reserved"), ("is_private", "private"),
 )
 
 
@@ -107,7 +107,8 @@ class AddressPolicy:
         """The rule that refuses ``ip``, or None when it may be reached."""
         if any(ip in net or _unwrapped(ip) in net for net in self.networks):
             return None
-        for candidate in {ip, _unwrapped(ip)}:
+        # The IPv4 address inside a mapped one first: its rule is the one that says why.
+        for candidate in dict.fromkeys((_unwrapped(ip), ip)):
             for attribute, rule in _RULES:
                 if getattr(candidate, attribute):
                     return rule
