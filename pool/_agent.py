@@ -15,11 +15,14 @@ container.
 
 import contextlib
 import ctypes
+import fcntl
 import json
+import marshal
 import os
 import selectors
 import shutil
 import signal
+import socket
 import stat
 import struct
 import sys
@@ -44,6 +47,15 @@ _SYSV = (("/proc/sysvipc/shm", lambda i: _libc.shmctl(i, _IPC_RMID, None)),
          ("/proc/sysvipc/msg", lambda i: _libc.msgctl(i, _IPC_RMID, None)))
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
+# The zygote (pool/_zygote.py): how long it may take to preload, to fork a spare a run waits
+# for or to report a child's exit; how many children one forks before a new one takes over
+# (they share its str hash seed); and how often it may die before the container does
+# without one.
+ZYGOTE_START = 15.0
+ZYGOTE_GRACE = 2.0
+ZYGOTE_FORKS = 100
+ZYGOTE_DEATHS = 3
+ZYGOTE_MESSAGE = 1 << 20
 
 _out = sys.stdout.buffer
 _out_lock = threading.Lock()
@@ -67,6 +79,16 @@ def frames(buf):
         body = bytes(buf[HEAD.size + hlen:end])
         del buf[:end]
         yield header, body
+
+
+def read_some(fd):
+    """What a non-blocking pipe has: None when nothing yet, b"" at its end (or error)."""
+    try:
+        return os.read(fd, CHUNK)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 class Refused(Exception):
@@ -272,6 +294,9 @@ class Agent:
         self.in_container = IN_CONTAINER in sys.argv[1:]
         # The OOM count as the last run left it: nothing else runs here in between.
         self.oom_count = oom_kills()
+        # Exit statuses that reap() collected for processes a run still waits for.
+        self.exits = {}
+        self.zygotes = Zygotes(self)
 
     def serve(self):
         stdin = sys.stdin.buffer.raw.fileno()
@@ -279,23 +304,28 @@ class Agent:
         self.sel.register(stdin, selectors.EVENT_READ, self.on_host)
         while self.open or self.runs:
             wakes = [w for w in (r.wake_at() for r in self.runs.values()) if w is not None]
-            wake = min(wakes, default=None)
+            wake = min(wakes + self.zygotes.wake_at(), default=None)
             timeout = None if wake is None else max(wake - time.monotonic(), 0)
             for key, events in self.sel.select(timeout):
                 try:
                     key.data(key.fd, events)
                 except Exception as exc:  # one run's failure must not end the agent
                     owner = getattr(key.data, "__self__", None)
-                    if not isinstance(owner, Run):
+                    if isinstance(owner, Run):
+                        owner.abort(exc)
+                    elif isinstance(owner, Zygote):  # nor a zygote's: runs start fresh
+                        self.zygotes.lost(owner, "agent: %s: %s" % (type(exc).__name__, exc))
+                    else:
                         raise
-                    owner.abort(exc)
             now = time.monotonic()
             for run in list(self.runs.values()):
                 try:
                     run.tick(now)
                 except Exception as exc:
                     run.abort(exc)
+            self.zygotes.tick(now)
         # The host went away: nothing we run may outlive the connection.
+        self.zygotes.stop()
         self.kill_functions()
 
     def on_host(self, fd, events):
@@ -333,9 +363,11 @@ class Agent:
             if run is not None:
                 run.cancel()
         elif op == "hello":
-            send({"ev": "hello", "pid": self.me, "python": list(sys.version_info[:3]),
-                  "oom": oom_kills() is not None, "uid": self.id.uid,
-                  "separate": self.id.switch})
+            # Answered once the zygote asked for is ready, or has failed.
+            self.zygotes.configure(header.get("zygote"), body, lambda: send({
+                "ev": "hello", "pid": self.me, "python": list(sys.version_info[:3]),
+                "oom": oom_kills() is not None, "uid": self.id.uid,
+                "separate": self.id.switch, "zygote": self.zygotes.describe()}))
         else:
             send({"ev": "error", "message": "unknown op %r" % op})
 
@@ -433,13 +465,26 @@ class Agent:
 
     def reap(self):
         # Orphans of our functions are re-parented to us: we are their child subreaper.
+        waited = {run.pid for run in self.runs.values()}
         while True:
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            if pid in waited:
+                self.exits[pid] = (_decode_status(status), usage)
+
+    def collect(self, pid, block=False):
+        """The exit status and usage of our child ``pid`` if it has ended, else None."""
+        if pid in self.exits:
+            return self.exits.pop(pid)
+        try:
+            got, status, usage = os.wait4(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:  # not ours (yet): a zygote's child
+            return None
+        return (_decode_status(status), usage) if got else None
 
 
 def _remove(path):
@@ -463,6 +508,409 @@ def _remove(path):
     with contextlib.suppress(OSError):
         os.chmod(path, 0o700)
     shutil.rmtree(path, onerror=unlock)
+
+
+class Zygote:
+    """One zygote process (pool/_zygote.py), as the agent sees it: its socket, its stderr,
+    its spare child and the children it was asked to hand a function to."""
+
+    def __init__(self, owner, source, preload):
+        self.owner = owner
+        self.sel = owner.agent.sel
+        self.ready = False
+        self.info = {}
+        self.spare = None  # (pid, socket, pidfd) of the child waiting for a job
+        self.asked = None  # since when a spare was asked for and has not come
+        self.waiting = []  # runs waiting for a spare
+        self.waiting_since = None
+        self.running = {}  # pid -> Run: children given a job whose exit is not reported
+        self.forks = 0
+        self.retiring = False
+        self.stopped = False
+        self.tail = bytearray()
+        self.ready_by = time.monotonic() + ZYGOTE_START
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Above 3, so that its dup2 to 3 is a real one (and clears close-on-exec).
+        fd3 = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 10)
+        err_r, err_w = os.pipe()
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target)
+                   for target, fd in enumerate((null, null, err_w, fd3))]
+        try:
+            # Its own session: killing its group kills it and its spare, not its functions.
+            self.pid = os.posix_spawn(
+                sys.executable,
+                [sys.executable, "-c", source, marshal.dumps(list(preload)).hex()],
+                owner.agent.env, file_actions=actions, setsid=True)
+        except OSError:
+            ours.close()
+            os.close(err_r)
+            raise
+        finally:
+            for fd in (fd3, err_w, null):
+                os.close(fd)
+            theirs.close()
+        ours.setblocking(False)
+        os.set_blocking(err_r, False)
+        self.sock, self.stderr = ours, err_r
+        self.sel.register(ours, selectors.EVENT_READ, self.on_message)
+        self.sel.register(err_r, selectors.EVENT_READ, self.on_stderr)
+
+    def on_stderr(self, fd, events):
+        data = read_some(fd)
+        if data is None:
+            return
+        if not data:
+            self.sel.unregister(fd)
+            os.close(fd)
+            self.stderr = None
+            return
+        self.tail = (self.tail + data)[-2000:]
+
+    def on_message(self, fd, events):
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(
+                ZYGOTE_MESSAGE, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, ancillary = b"", []
+        fds = []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += [int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True)
+                        for i in range(0, len(payload) - len(payload) % 4, 4)]
+        try:
+            message = marshal.loads(data) if data else None
+        except (EOFError, ValueError, TypeError):
+            message = {}
+        ev = message.get("ev") if isinstance(message, dict) else None
+        if ev == "spare" and len(fds) == 1:
+            return self.on_spare(message["pid"], fds[0])
+        for extra in fds:
+            os.close(extra)
+        if ev == "ready":
+            self.on_ready(message)
+        elif ev == "exit":
+            self.on_exit(message)
+        else:
+            why = "exited" if message is None else "sent %r" % data[:80]
+            self.owner.lost(self, "the zygote %s%s" % (why, self.stderr_tail()))
+
+    def stderr_tail(self):
+        text = bytes(self.tail).decode(errors="replace").strip()
+        return ": " + text.splitlines()[-1][-300:] if text else ""
+
+    def on_ready(self, message):
+        self.info, self.ready_by = message, None
+        if message.get("unusable"):
+            return self.owner.lost(self, message["unusable"], fatal=True)
+        self.ready = True
+        self.ask()
+        self.owner.on_ready(self)
+
+    def on_spare(self, pid, fd):
+        self.asked = None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # gone already
+            os.close(fd)
+            return self.ask()
+        self.spare = (pid, socket.socket(fileno=fd), pidfd)
+        if self.waiting:
+            self.hand(self.waiting.pop(0))
+
+    def on_exit(self, message):
+        pid = message.get("pid")
+        run = self.running.pop(pid, None)
+        if run is not None:
+            run.on_status(message["status"], message.get("cpu_ms"), message.get("max_rss"))
+        elif self.spare is not None and self.spare[0] == pid:  # died unused
+            self.drop_spare()
+            self.ask()
+        if self.retiring and not self.running:
+            self.stop()
+
+    def ask(self):
+        if not self.ready or self.retiring or self.spare is not None or self.asked is not None:
+            return
+        try:
+            self.sock.send(marshal.dumps({"op": "spare"}))
+        except OSError as exc:
+            return self.owner.lost(self, "the zygote stopped listening: %s" % exc)
+        self.asked = time.monotonic()
+
+    def take(self, run, first=False):
+        """Hand ``run`` to a spare now, or to the next one."""
+        if self.spare is not None:
+            return self.hand(run)
+        if not self.waiting:
+            self.waiting_since = time.monotonic()
+        self.waiting.insert(0 if first else len(self.waiting), run)
+        self.ask()
+
+    def hand(self, run):
+        pid, sock, pidfd = self.spare
+        self.spare = None
+        fds = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in run.child_fds)
+        try:
+            sock.sendmsg([run.job], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError:  # the spare died: the next one
+            sock.close()
+            os.close(pidfd)
+            return self.take(run, first=True)
+        sock.close()
+        self.forks += 1
+        self.running[pid] = run
+        run.handed(self, pid, pidfd)
+        # The next spare comes once this run is over (Zygotes.after_run): made while a
+        # function runs, it slows the function more than it saves.
+
+    def forget(self, run):
+        if run in self.waiting:
+            self.waiting.remove(run)
+
+    def drop_spare(self):
+        if self.spare is not None:
+            _, sock, pidfd = self.spare
+            self.spare = None
+            sock.close()
+            os.close(pidfd)
+
+    def wake_at(self):
+        if self.ready_by is not None:
+            return self.ready_by
+        if self.waiting and self.asked is not None:
+            return max(self.asked, self.waiting_since) + ZYGOTE_GRACE
+        return None
+
+    def tick(self, now):
+        wake = self.wake_at()
+        if wake is None or now < wake:
+            return
+        if self.ready_by is not None:
+            self.owner.lost(self, "the zygote did not start within %g s%s"
+                            % (ZYGOTE_START, self.stderr_tail()))
+        else:
+            self.owner.lost(self, "the zygote did not fork within %g s" % ZYGOTE_GRACE)
+
+    def retire(self):
+        """Stop once the children it runs are reported; fork no more."""
+        self.retiring = True
+        self.drop_spare()
+        if not self.running:
+            self.stop()
+
+    def stop(self):
+        """Kill it and its spare; the runs it was to start, and those whose children it
+        ran, are told (its running children are ours now: we are their subreaper)."""
+        if self.stopped:
+            return
+        self.stopped, self.ready = True, False
+        for fd in (self.sock, self.stderr):
+            if fd is not None and fd in self.sel.get_map():
+                self.sel.unregister(fd)
+        self.sock.close()
+        if self.stderr is not None:
+            os.close(self.stderr)
+            self.stderr = None
+        self.drop_spare()
+        with contextlib.suppress(OSError):
+            os.killpg(self.pid, signal.SIGKILL)
+        for _ in range(200):  # SIGKILL takes it in a moment; reap() takes it if not
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:  # reaped already
+                break
+            time.sleep(0.005)
+        waiting, running = self.waiting, self.running
+        self.waiting, self.running = [], {}
+        for run in running.values():
+            run.orphaned()
+        for run in waiting:
+            run.launch_fresh()
+
+
+class Zygotes:
+    """The zygote functions fork from, if the host asked for one: started at its hello
+    (answered once it is ready or has failed), replaced when it dies and when it has forked
+    ZYGOTE_FORKS children (its successor starts while it serves), and given up on after
+    ZYGOTE_DEATHS deaths. While there is none, Python functions start fresh."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.config = None  # (source, preload)
+        self.current = None  # the zygote runs fork from, once ready
+        self.next = None  # its successor, starting
+        self.old = []  # retired, until their last child is reported
+        self.deaths = 0
+        self.error = None
+        self.greet = None
+
+    def configure(self, options, source, greet):
+        if self.config is not None or not options:
+            return greet()
+        if not self.agent.id.switch:
+            # A function of the agent's own uid could trace the zygote, and reach into
+            # every function forked after it.
+            self.error = "functions run as the agent's user: no zygote"
+        elif not hasattr(os, "pidfd_open"):
+            self.error = "no zygote without os.pidfd_open (Python 3.9, Linux 5.3)"
+        else:
+            self.config = (source.decode(), list(options.get("preload") or ()))
+            self.greet = greet
+            self.current = self.spawn()
+            if self.current is not None:
+                return None
+        greet()
+
+    def spawn(self):
+        try:
+            return Zygote(self, *self.config)
+        except OSError as exc:
+            self.error = "the zygote could not start: %s" % exc
+            return None
+
+    def serving(self):
+        z = self.current
+        return z if z is not None and z.ready else None
+
+    def all(self):
+        return [z for z in (self.current, self.next, *self.old) if z is not None]
+
+    def on_ready(self, z):
+        if z is self.next:
+            old, self.current, self.next = self.current, z, None
+            if old is not None:
+                self.old.append(old)
+                old.retire()
+        self.answer()
+        self.report()
+
+    def lost(self, z, reason, fatal=False):
+        z.stop()
+        if z in self.old:
+            self.old.remove(z)
+            return
+        self.deaths += 1
+        self.error = reason
+        sys.stderr.write("agent: %s\n" % reason)
+        if z is self.next:
+            self.next = None
+        elif z is self.current:
+            self.current, self.next = self.next, None
+            if self.current is None and not fatal and self.deaths < ZYGOTE_DEATHS:
+                self.current = self.spawn()
+        self.answer()
+        self.report()
+
+    def after_run(self):
+        z = self.serving()
+        if z is None:
+            return
+        z.ask()
+        if z.forks >= ZYGOTE_FORKS and self.next is None:
+            self.next = self.spawn()
+
+    def answer(self):
+        if self.greet is not None:
+            greet, self.greet = self.greet, None
+            greet()
+
+    def describe(self):
+        z = self.serving()
+        if z is not None:
+            state = "ready"
+        elif self.current is not None:
+            state = "starting"
+        else:
+            state = "failed" if self.config is not None else "off"
+        info = (z or self.current).info if (z or self.current) is not None else {}
+        return {"state": state, "error": self.error, "failed": info.get("failed") or {},
+                "rss": info.get("rss"), "forks": z.forks if z is not None else 0}
+
+    def report(self):
+        if self.greet is None and self.config is not None:
+            send(dict(self.describe(), ev="zygote"))
+
+    def wake_at(self):
+        return [w for w in (z.wake_at() for z in self.all()) if w is not None]
+
+    def tick(self, now):
+        for z in self.all():
+            try:
+                z.tick(now)
+            except Exception as exc:
+                self.lost(z, "agent: %s: %s" % (type(exc).__name__, exc))
+
+    def stop(self):
+        for z in self.all():
+            z.stop()
+        self.current, self.next, self.old = None, None, []
+
+
+_PYTHON_FLAGS = frozenset("uB")
+_real = {}  # type: dict  # an interpreter's path -> its real path (the root is read-only)
+
+
+def python_job(agent, zygote, h, path, env, workdir):
+    """The job a zygote's child runs, marshalled, when ``h`` asks for a plain Python run
+    that a fork can start as a fresh interpreter would; None when only a fresh one can."""
+    real = _real.get(path)
+    if real is None:
+        real = os.path.realpath(path)
+        if not real.startswith(os.fsencode(ROOT)):
+            _real[path] = real
+    if real != os.fsencode(zygote.info.get("executable", "")):
+        return None
+    for key in h.get("env") or ():
+        if key.startswith(("PYTHON", "LC_")) or key in ("LANG", "HOME"):
+            return None  # they change how an interpreter starts
+    argv = h["argv"]
+    unbuffered = dont_write_bytecode = False
+    i = 1
+    while (i < len(argv) and len(argv[i]) > 1 and argv[i][0] == "-"
+           and set(argv[i][1:]) <= _PYTHON_FLAGS):
+        unbuffered = unbuffered or "u" in argv[i]
+        dont_write_bytecode = dont_write_bytecode or "B" in argv[i]
+        i += 1
+    if i >= len(argv):
+        return None
+    if argv[i] in ("-c", "-m") and i + 1 < len(argv):
+        kind = "command" if argv[i] == "-c" else "module"
+        target, sys_argv = argv[i + 1], [argv[i]] + argv[i + 2:]
+    elif argv[i].startswith("-"):
+        return None
+    else:
+        kind, target, sys_argv = "script", argv[i], argv[i:]
+    modules = set(zygote.info.get("modules") or ())
+    with agent.id.acting():
+        try:
+            if kind == "script":
+                script = os.path.join(workdir, target)
+                with open(script, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        return None
+                    head = f.read(4)
+                if head[:2] == b"PK" or head[2:4] == b"\r\n":
+                    return None  # a zip application, or compiled code
+                first = os.path.dirname(os.path.realpath(script))
+            else:
+                first = workdir
+            names = os.listdir(first)
+            home = names if first == workdir else os.listdir(workdir)
+        except OSError:
+            return None  # as python3 would say it
+    # The user's site directory, and a file that would shadow a module the zygote has
+    # imported (the zygote's would win): a fresh interpreter does these right.
+    if ".local" in home or any(name.partition(".")[0] in modules for name in names):
+        return None
+    job = marshal.dumps({
+        "uid": agent.id.uid, "gid": agent.id.gid, "cwd": workdir, "env": env,
+        "argv": sys_argv, "orig_argv": list(argv), "kind": kind, "target": target,
+        "unbuffered": unbuffered, "dont_write_bytecode": dont_write_bytecode})
+    return job if len(job) <= 1 << 17 else None  # past what one message carries
 
 
 class Run:
@@ -489,6 +937,20 @@ class Run:
         self.cap = header.get("cap", 1 << 20)
         self.sent = {1: 0, 2: 0}
         self.truncated = {1: False, 2: False}
+        # A forked run: its job for a zygote's child, the child's ends of its pipes until
+        # it has them, what a fresh start needs if the zygote fails it, and when the
+        # zygote must have told its exit status at the latest.
+        self.forked = False
+        self.zygote = None
+        self.job = None
+        self.child_fds = None
+        self.launch = None
+        self.ended = None
+        self.status_by = None
+        self.orphan = False
+        self.reaped = False  # its end and its status are known
+        self.cpu_ms = None
+        self.max_rss = None
 
     # -- start -----------------------------------------------------------------------------
 
@@ -517,20 +979,23 @@ class Run:
         path = which(argv[0], env.get(b"PATH"), os.fsencode(workdir))
         if path is None:
             return self.failed_to_start(127, "%s: not found" % h["argv"][0])
+        zygote = None if h.get("fresh") else self.agent.zygotes.serving()
+        if zygote is not None:
+            self.job = python_job(self.agent, zygote, h, path, env, workdir)
         stdin_r, stdin_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        self.child_fds = (stdin_r, out_w, err_w)
+        self.launch = (path, argv, env)
         self.oom_before = self.agent.oom_count
-        self.started = time.monotonic()
-        try:
-            self.pid = self.agent.id.spawn(path, argv, env, (stdin_r, out_w, err_w))
-        except OSError as exc:
-            for fd in (stdin_r, stdin_w, out_r, out_w, err_r, err_w):
-                os.close(fd)
-            code = 127 if isinstance(exc, FileNotFoundError) else 126
-            return self.failed_to_start(code, "%s: %s" % (h["argv"][0], exc.strerror))
-        for fd in (stdin_r, out_w, err_w):
-            os.close(fd)
+        if self.job is None:
+            try:
+                self.start_fresh()
+            except OSError as exc:
+                for fd in (stdin_w, out_r, err_r):
+                    os.close(fd)
+                code = 127 if isinstance(exc, FileNotFoundError) else 126
+                return self.failed_to_start(code, "%s: %s" % (h["argv"][0], exc.strerror))
         sel = self.agent.sel
         for stream, fd in ((1, out_r), (2, err_r)):
             os.set_blocking(fd, False)
@@ -538,14 +1003,65 @@ class Run:
             sel.register(fd, selectors.EVENT_READ, self.on_output)
         self.stdin_fd = stdin_w
         os.set_blocking(stdin_w, False)
-        self.watch_exit()
-        if h.get("timeout") is not None:
-            self.deadline = self.started + h["timeout"]
+        if self.job is not None:
+            self.forked = True
+            zygote.take(self)
         files_size = sum(f["size"] for f in h.get("files", []))
         self.feed(self.body[files_size:], h.get("stdin_eof", True))
         self.body = None
+
+    def start_fresh(self):
+        """Spawn the command (in the current directory); its clock starts."""
+        path, argv, env = self.launch
+        self.started = time.monotonic()
+        try:
+            self.pid = self.agent.id.spawn(path, argv, env, self.child_fds)
+        finally:
+            self.close_child_fds()
+        self.begun()
+
+    def begun(self):
+        if self.pidfd is None:
+            self.watch_exit()
+        if self.header.get("timeout") is not None:
+            self.deadline = self.started + self.header["timeout"]
         if self.cancelled:
             self.kill()
+
+    def close_child_fds(self):
+        for fd in self.child_fds or ():
+            os.close(fd)
+        self.child_fds = None
+
+    def handed(self, zygote, pid, pidfd):
+        """A zygote's child has taken this run (see Zygote.hand)."""
+        self.zygote, self.pid, self.pidfd, self.job = zygote, pid, pidfd, None
+        self.started = time.monotonic()
+        self.close_child_fds()
+        self.agent.sel.register(pidfd, selectors.EVENT_READ, self.on_exit)
+        self.begun()
+
+    def launch_fresh(self):
+        """The zygote failed before a child took this run: start it fresh after all."""
+        self.forked, self.job = False, None
+        try:
+            with self.agent.id.acting():
+                _, wfd = self.agent.workdir(self.header["workdir"])
+                try:
+                    os.fchdir(wfd)
+                finally:
+                    os.close(wfd)
+            self.start_fresh()
+        except (OSError, Refused) as exc:
+            self.abort(exc)
+        finally:
+            os.chdir("/")
+
+    def orphaned(self):
+        """Its zygote is gone: the child is ours now, and so is its exit status."""
+        self.orphan = True
+        if self.pidfd is None and self.status is None:
+            self.status_by = time.monotonic()
 
     def failed_to_start(self, code, message):
         send({"ev": "out", "id": self.id, "fd": 2}, (message + "\n").encode())
@@ -576,10 +1092,16 @@ class Run:
         self.agent.sel.register(r, selectors.EVENT_READ, self.on_exit)
 
         def wait():
-            self.status = _decode_status(os.waitpid(self.pid, 0)[1])
+            _, status, usage = os.wait4(self.pid, 0)
+            self.status = _decode_status(status)
+            self.usage(usage)
             os.write(w, b"x")
             os.close(w)
         threading.Thread(target=wait, daemon=True).start()
+
+    def usage(self, usage):
+        self.cpu_ms = round((usage.ru_utime + usage.ru_stime) * 1000, 3)
+        self.max_rss = usage.ru_maxrss * 1024
 
     # -- events ----------------------------------------------------------------------------
 
@@ -622,12 +1144,9 @@ class Run:
 
     def on_output(self, fileno, events):
         fd = self.pipes[fileno]
-        try:
-            data = os.read(fileno, CHUNK)
-        except BlockingIOError:
+        data = read_some(fileno)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.close_pipe(fileno)
             self.maybe_done()
@@ -651,9 +1170,28 @@ class Run:
         self.agent.sel.unregister(fileno)
         os.close(fileno)
         self.pidfd = None
-        if self.status is None:
-            self.status = _decode_status(os.waitpid(self.pid, 0)[1])
-        self.duration = (time.monotonic() - self.started) * 1000.0
+        self.ended = time.monotonic()
+        if self.status is None and (not self.forked or self.orphan):
+            self.collected(self.agent.collect(self.pid, block=not self.forked))
+        if self.status is None:  # its zygote reports it (on_status), or tick() asks
+            self.status_by = self.ended + (0 if self.orphan else ZYGOTE_GRACE)
+            return
+        self.exited()
+
+    def collected(self, got):
+        if got is not None:
+            self.status = got[0]
+            self.usage(got[1])
+
+    def on_status(self, status, cpu_ms, max_rss):
+        """A zygote's report of its child's end."""
+        self.status, self.cpu_ms, self.max_rss = status, cpu_ms, max_rss
+        if self.ended is not None and self.status_by is not None:
+            self.exited()  # else on_exit() comes next: the child's pidfd is readable
+
+    def exited(self):
+        self.status_by, self.reaped = None, True
+        self.duration = (self.ended - self.started) * 1000.0
         # Its group, and anything it left behind, may still hold our pipes: end every
         # process so the pipes reach EOF, and so nothing survives into the next function.
         self.clean = self.agent.clean()
@@ -663,10 +1201,12 @@ class Run:
 
     def wake_at(self):
         """When the loop must call tick() at the latest, or None."""
-        times = [t for t in (self.deadline, self.drain_until) if t is not None]
+        times = [t for t in (self.deadline, self.drain_until, self.status_by) if t is not None]
         return min(times) if times else None
 
     def tick(self, now):
+        if self.status_by is not None and now >= self.status_by:
+            self.status_wait(now)
         if self.deadline is not None and now >= self.deadline:
             self.deadline = None
             self.timed_out = True
@@ -676,8 +1216,22 @@ class Run:
                 self.close_pipe(fileno)
             self.maybe_done()
 
+    def status_wait(self, now):
+        """The child has ended and its zygote has not said how."""
+        if not self.orphan:  # it is stuck: without it, the child is ours to reap
+            self.agent.zygotes.lost(self.zygote, "the zygote did not report an exit "
+                                    "within %g s" % ZYGOTE_GRACE)
+        self.collected(self.agent.collect(self.pid))
+        if self.status is not None:
+            return self.exited()
+        if now - self.ended < 2 * ZYGOTE_GRACE:
+            self.status_by = now + 0.01
+            return
+        self.status_by = None
+        self.abort(RuntimeError("the function's exit status was lost with its zygote"))
+
     def maybe_done(self):
-        if self.pidfd is not None or self.pipes or self.pid is None:
+        if self.pipes or not self.reaped:
             return
         self.close_stdin()
         status = self.status
@@ -690,7 +1244,8 @@ class Run:
             "oom": bool(self.oom_before is not None and oom_after is not None
                         and oom_after > self.oom_before),
             "truncated": {"stdout": self.truncated[1], "stderr": self.truncated[2]},
-            "clean": self.clean,
+            "clean": self.clean, "forked": self.forked, "cpu_ms": self.cpu_ms,
+            "max_rss": self.max_rss,
         })
 
     def abort(self, exc):
@@ -698,6 +1253,11 @@ class Run:
         if self.id not in self.agent.runs:
             return
         self.kill()
+        if self.zygote is None and self.forked:  # waiting for a spare
+            serving = self.agent.zygotes.serving()
+            if serving is not None:
+                serving.forget(self)
+        self.close_child_fds()
         sel = self.agent.sel
         for fileno in [self.pidfd, self.stdin_fd, *self.pipes]:
             if fileno is not None and fileno in sel.get_map():
@@ -707,6 +1267,7 @@ class Run:
 
     def finish(self, fields):
         self.agent.runs.pop(self.id, None)
+        self.agent.zygotes.after_run()
         if disk_low():  # the next function would find no room: have the container replaced
             fields["clean"] = False
         fields.update({"ev": "exit", "id": self.id})
@@ -720,8 +1281,9 @@ class Run:
         if self.pid is not None and self.status is None:
             try:
                 os.killpg(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            except OSError:  # a zygote's child that has not made its group yet
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGKILL)
 
 
 def _decode_status(status):

@@ -100,6 +100,10 @@ class PoolStatistics:
     started: int
     failed_starts: int
     last_error: str | None
+    # Agent pools of a profile with a zygote: how many containers have theirs ready, the
+    # preload modules that failed to import (and why), the last zygote error, and the
+    # memory of one zygote.
+    zygote: dict[str, Any] | None = None
 
 
 class Lease:
@@ -247,6 +251,7 @@ class Pool:
         self._started = 0
         self._failed_starts = 0
         self._last_error: str | None = None
+        self._told_preload = False
         self._wake = trio.Event()
         self._parked = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -314,7 +319,23 @@ class Pool:
             starting=self._starting, total=len(self._containers) + self._starting,
             waiting=len(self._waiters), started=self._started,
             failed_starts=self._failed_starts, last_error=self._last_error,
+            zygote=self._zygotes(),
         )
+
+    def _zygotes(self) -> dict[str, Any] | None:
+        if self.mode != "agent" or not self.profile.zygote:
+            return None
+        said = [z for z in (getattr(c.runner, "zygote", None)
+                            for c in self._containers.values()) if z]
+        failed: dict[str, str] = {}
+        for z in said:
+            failed.update(z.get("failed") or {})
+        errors = [z["error"] for z in said if z.get("error")]
+        sizes = [z["rss"] for z in said if z.get("rss")]
+        return {"preload": list(self.profile.preload),
+                "ready": sum(1 for z in said if z.get("state") == "ready"),
+                "failed": failed, "error": errors[-1] if errors else None,
+                "rss": max(sizes) if sizes else None}
 
     def container(self, cid: str) -> Container | None:
         return self._containers.get(cid)
@@ -556,6 +577,11 @@ class Pool:
         self._last_error = None
         c = Container(cid, runner)
         self._containers[cid] = c
+        failed = (getattr(runner, "zygote", None) or {}).get("failed")
+        if failed and not self._told_preload:  # once: every container would say the same
+            self._told_preload = True
+            log.warning("pool %s: preload failed, the zygote goes without: %s", self.name,
+                        "; ".join(f"{name} ({why})" for name, why in failed.items()))
         self._hand_over(c)
 
     async def _start_container(self) -> tuple[str, AgentRunner | ExecRunner]:
@@ -579,7 +605,8 @@ class Pool:
             capabilities=AGENT_CAPABILITIES if agent else ())
         runner: AgentRunner | ExecRunner
         if agent:
-            runner = AgentRunner(self.engine, cid, stream, on_lost=lambda: self._lost(cid))
+            runner = AgentRunner(self.engine, cid, stream, on_lost=lambda: self._lost(cid),
+                                 preload=self.profile.preload if self.profile.zygote else None)
         else:
             runner = ExecRunner(self.engine, cid, stream, user, on_lost=lambda: self._lost(cid))
         try:

@@ -29,6 +29,7 @@ log = logging.getLogger("pool")
 
 WORKDIR_ROOT = "/tmp/ufaas"
 AGENT_SOURCE = (Path(__file__).with_name("_agent.py")).read_text()
+ZYGOTE_SOURCE = (Path(__file__).with_name("_zygote.py")).read_text()
 # What the agent keeps of root: changing to the functions' uid and gid, and killing theirs.
 AGENT_CAPABILITIES = ("SETUID", "SETGID", "KILL")
 # The main process of a container without python3: it only waits for its stdin to end,
@@ -133,8 +134,13 @@ class AgentRunner:
     """
 
     def __init__(self, engine: Engine, cid: str, stream: MuxStream,
-                 on_lost: Callable[[], None] | None = None) -> None:
+                 on_lost: Callable[[], None] | None = None,
+                 preload: tuple[str, ...] | None = None) -> None:
+        """``preload``: the modules of a zygote for Python functions; None for none."""
         self.engine = engine
+        self.preload = preload
+        # The agent's last word on its zygote: state, error, failed preloads, memory.
+        self.zygote: dict | None = None
         self.cid = cid
         self.alive = False
         self.tainted = False
@@ -149,7 +155,11 @@ class AgentRunner:
         """Greet the agent; raise NoAgent when it does not answer (no usable python3)."""
         try:
             with trio.fail_after(START_TIMEOUT):
-                await self._send({"op": "hello"})
+                if self.preload is None:
+                    await self._send({"op": "hello"})
+                else:  # answered once the zygote is ready or has failed
+                    await self._send({"op": "hello", "zygote": {"preload": self.preload}},
+                                     ZYGOTE_SOURCE.encode())
                 hello = await self._next_frame()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             hello = None
@@ -158,6 +168,9 @@ class AgentRunner:
             await self._stream.aclose()
             raise NoAgent("agent did not start: "
                           f"{bytes(self.agent_stderr[-300:]).decode(errors='replace')}")
+        self.zygote = hello[0].get("zygote")
+        if self.zygote and self.zygote.get("error"):
+            log.warning("container %s: %s", self.cid[:12], self.zygote["error"])
         self.alive = True
         nursery.start_soon(self._read_forever)
 
@@ -200,6 +213,10 @@ class AgentRunner:
                 elif ev == "exit" and run is not None:
                     run.exit = header
                     run.done.set()
+                elif ev == "zygote":
+                    self.zygote = header
+                    if header.get("error"):
+                        log.warning("container %s: %s", self.cid[:12], header["error"])
                 elif ev == "error":
                     log.warning("agent in %s: %s", self.cid[:12], header.get("message"))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError) as exc:
@@ -209,6 +226,10 @@ class AgentRunner:
             self.tainted = True
             with trio.CancelScope(shield=True):
                 await self._stream.aclose()
+        else:
+            if self.agent_stderr:  # it died: say how
+                tail = bytes(self.agent_stderr[-2000:]).decode(errors="replace")
+                log.warning("agent in %s ended: %s", self.cid[:12], tail.strip())
         finally:
             self.alive = False
             for run in self._runs.values():
@@ -228,7 +249,7 @@ class AgentRunner:
         header = {
             "op": "run", "id": rid, "argv": job.argv, "env": job.env, "workdir": workdir,
             "files": files, "timeout": job.timeout, "stdin_eof": stdin is None,
-            "cap": job.output_cap, "drop": self.drops,
+            "cap": job.output_cap, "drop": self.drops, "fresh": job.fresh,
         }
         self.drops = []
         try:
@@ -309,6 +330,7 @@ class AgentRunner:
         return run.output.fill(Result(
             outcome, exit_code=ex.get("exit_code"), signal=ex.get("signal"),
             duration_ms=ex.get("duration_ms"), truncated=truncated, oom=bool(ex.get("oom")),
+            forked=bool(ex.get("forked")), cpu_ms=ex.get("cpu_ms"), max_rss=ex.get("max_rss"),
         ))
 
     def drop(self, workdir: str) -> None:

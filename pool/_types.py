@@ -28,6 +28,10 @@ class Profile:
     workdir_size: int = 256 * MiB
     # Each of /tmp, /var/tmp and /dev/shm (tmpfs, like everything writable).
     tmp_size: int = 64 * MiB
+    # Python functions fork from a zygote that has imported ``preload`` (pool/_zygote.py);
+    # without ``zygote`` every function starts a fresh interpreter.
+    zygote: bool = True
+    preload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         uid, _, gid = self.user.partition(":")
@@ -37,6 +41,9 @@ class Profile:
             raise ValueError("profile limits too small: memory >= 16 MiB, pids >= 8, cpus > 0")
         if self.workdir_size < MiB or self.tmp_size < MiB:
             raise ValueError("profile sizes too small: workdir_size and tmp_size >= 1 MiB")
+        for name in self.preload:
+            if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+                raise ValueError(f"preload: {name!r} is not a module name")
 
 
 def check_path(path: str) -> str:
@@ -106,6 +113,7 @@ class Job:
     timeout: float = 30.0
     output_cap: int = DEFAULT_OUTPUT_CAP
     id: str = ""
+    fresh: bool = False  # a Python command starts a new interpreter, not from a zygote
 
 
 @dataclass(frozen=True)
@@ -135,3 +143,7 @@ class Result:
     oom: bool = False
     error: str | None = None
     place: Place | None = None
+    # Whether it was forked from a zygote; the CPU it used and its peak memory (rusage).
+    forked: bool = False
+    cpu_ms: float | None = None
+    max_rss: int | None = None

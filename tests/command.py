@@ -1,14 +1,18 @@
 """The ``ufaas`` command as the tests run it: the console script installed beside this
 interpreter when there is one (running it proves the entry point), else ``python -m``;
-and a server started with it, as a process of its own."""
+and a server started with it, as a process of its own; or the server in a thread of
+the tests' process, for a module to share."""
 
 from __future__ import annotations
 
+import functools
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import trio
@@ -60,3 +64,45 @@ class Server:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
+
+
+# Seconds a threaded server may take to start or to stop.
+START_CAP = 60
+
+
+class ThreadedServer:
+    """The real server in a thread with its own ``trio.run``: for sync tests (hypothesis),
+    and for a server that outlives one test's ``trio.run`` (module-scoped)."""
+
+    def __init__(self, config, *, instance, labels):
+        self._args = (config, instance, labels)
+        self._ready: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+
+    async def _main(self):
+        from ufaas.server import serve
+
+        config, instance, labels = self._args
+        stop = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(functools.partial(
+                    serve, config, shutdown_trigger=stop.wait, instance=instance,
+                    labels=labels))
+                self._ready.put((url, trio.lowlevel.current_trio_token(), stop))
+        except BaseException as exc:
+            self._ready.put(exc)
+            raise
+
+    def __enter__(self):
+        self._thread.start()
+        got = self._ready.get(timeout=START_CAP)
+        if isinstance(got, BaseException):
+            raise got
+        self.url, self._token, self._stop = got
+        return self
+
+    def __exit__(self, *exc_info):
+        trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(START_CAP)
+        assert not self._thread.is_alive(), "the server did not stop"

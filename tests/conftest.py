@@ -43,6 +43,16 @@ def docker_client():
     client.close()
 
 
+@pytest.fixture
+async def engine(docker_client):
+    """The pool library's own access to the engine, for tests of the library."""
+    from pool import Engine
+
+    eng = Engine()
+    yield eng
+    await eng.aclose()
+
+
 @pytest.fixture(scope="session")
 def images(docker_client):
     try:

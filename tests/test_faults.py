@@ -7,11 +7,8 @@ fault must never outlive its function.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import queue
-import threading
 import time
 import uuid
 from urllib.parse import quote
@@ -19,6 +16,7 @@ from urllib.parse import quote
 import pytest
 import sites
 import trio
+from command import ThreadedServer
 
 from ufaas.config import PoolConfig
 
@@ -67,44 +65,6 @@ async def still_serves(client, image, after=None):
     for pool in (await client.get("/pools")).json():
         assert pool["total"] <= pool["max"] and pool["last_error"] is None, pool
     return rec
-
-
-class ThreadedServer:
-    """The real server in a thread with its own ``trio.run``: for sync tests (hypothesis),
-    and for a server that outlives one test's ``trio.run`` (module-scoped)."""
-
-    def __init__(self, config, *, instance, labels):
-        self._args = (config, instance, labels)
-        self._ready: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
-
-    async def _main(self):
-        from ufaas.server import serve
-
-        config, instance, labels = self._args
-        stop = trio.Event()
-        try:
-            async with trio.open_nursery() as nursery:
-                url = await nursery.start(functools.partial(
-                    serve, config, shutdown_trigger=stop.wait, instance=instance,
-                    labels=labels))
-                self._ready.put((url, trio.lowlevel.current_trio_token(), stop))
-        except BaseException as exc:
-            self._ready.put(exc)
-            raise
-
-    def __enter__(self):
-        self._thread.start()
-        got = self._ready.get(timeout=CAP)
-        if isinstance(got, BaseException):
-            raise got
-        self.url, self._token, self._stop = got
-        return self
-
-    def __exit__(self, *exc_info):
-        trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-        self._thread.join(CAP)
-        assert not self._thread.is_alive(), "the server did not stop"
 
 
 # -- bad input ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from pool import Engine, File, Job, Pool, Profile
+from pool import File, Job, Pool, Profile
 from pool._docker import BadStream, MuxStream
 from pool._runner import MAX_BODY, MAX_HEADER, AgentRunner, BadFrame
 
@@ -22,13 +22,6 @@ CAP = 90
 @pytest.fixture(params=["python", "busybox"])
 def image(request, images):
     return getattr(images, request.param)
-
-
-@pytest.fixture
-async def engine():
-    eng = Engine()
-    yield eng
-    await eng.aclose()
 
 
 @asynccontextmanager

@@ -11,7 +11,6 @@ import trio
 
 from pool import (
     BadFile,
-    Engine,
     File,
     Job,
     Pool,
@@ -28,13 +27,6 @@ PROFILE = Profile(memory=128 << 20, pids=64, workdir_size=32 << 20)
 @pytest.fixture(params=["python", "busybox"])
 def image(request, images):
     return getattr(images, request.param)
-
-
-@pytest.fixture
-async def engine():
-    eng = Engine()
-    yield eng
-    await eng.aclose()
 
 
 @asynccontextmanager

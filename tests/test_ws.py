@@ -97,6 +97,8 @@ async def test_first_line_is_live(start_server, python_config, images):
     assert events[-1] == {"event": "exit", "id": fid, "status": "succeeded", "exit_code": 0,
                           "signal": None, "error": None}
     assert by_runner[0] == {"event": "status", "id": fid, "status": "pending"}
+    # It streamed live as a function forked from its container's warm interpreter.
+    assert (await client.get(f"/fn/{fid}")).json()["forked"] is True
 
 
 async def test_late_watchers_get_replay_then_the_rest(start_server, python_config, images):

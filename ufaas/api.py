@@ -105,7 +105,8 @@ async def body() -> bytes:
 
 def profile_view(p: Profile) -> dict[str, Any]:
     return {"memory": p.memory, "cpus": p.cpus, "pids": p.pids, "network": p.network,
-            "user": p.user, "workdir_size": p.workdir_size, "tmp_size": p.tmp_size}
+            "user": p.user, "workdir_size": p.workdir_size, "tmp_size": p.tmp_size,
+            "zygote": p.zygote, "preload": list(p.preload)}
 
 
 class _Connection(TrioASGIHTTPConnection):
@@ -298,6 +299,7 @@ def create_app(scheduler: Scheduler, config: Config,
                 "profile": profile_view(p.profile), "warm": s.idle, "busy": s.busy,
                 "starting": s.starting, "total": s.total, "queued": s.waiting,
                 "min_idle": p.min_idle, "max": p.max, "last_error": s.last_error,
+                "zygote": s.zygote,
             })
         return reply(shown)
 

@@ -56,6 +56,10 @@ class PoolConfig(BaseModel):
     user: str | None = None
     workdir_size: int | None = Field(None, description="bytes of the working directories")
     tmp_size: int | None = Field(None, description="bytes of /tmp, of /var/tmp and of /dev/shm")
+    zygote: bool | None = Field(None, description="Python functions fork from a warm "
+                                "interpreter (default true)")
+    preload: list[str] | None = Field(None, description="modules that interpreter imports "
+                                      "first (default none)")
 
     @model_validator(mode="after")
     def _sizes(self) -> PoolConfig:
@@ -66,7 +70,10 @@ class PoolConfig(BaseModel):
 
     def profile(self) -> Profile:
         given = {name: getattr(self, name) for name in
-                 ("memory", "cpus", "pids", "network", "user", "workdir_size", "tmp_size")}
+                 ("memory", "cpus", "pids", "network", "user", "workdir_size", "tmp_size",
+                  "zygote")}
+        if self.preload is not None:
+            given["preload"] = tuple(self.preload)
         return Profile(**{k: v for k, v in given.items() if v is not None})
 
     def sizes(self, config: Config) -> dict[str, Any]:

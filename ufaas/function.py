@@ -182,7 +182,8 @@ class Function:
         self.started.set()
         job = Job(spec.argv(), files=files, env=dict(spec.env),
                   stdin=spec.stdin.encode() if spec.stdin is not None else None,
-                  timeout=spec.timeout, output_cap=scheduler.config.output_cap, id=self.id)
+                  timeout=spec.timeout, output_cap=scheduler.config.output_cap, id=self.id,
+                  fresh=spec.fresh_interpreter)
         try:
             result = await lease.run(job, self._output, self.stdin)
         finally:
@@ -198,6 +199,8 @@ class Function:
         record.truncated = result.truncated
         record.exit_code, record.signal, record.oom = result.exit_code, result.signal, result.oom
         record.duration_ms = result.duration_ms
+        record.forked, record.cpu_ms, record.max_rss = (result.forked, result.cpu_ms,
+                                                        result.max_rss)
         if result.outcome == "exited":
             self._end("succeeded" if result.exit_code == 0 else "failed",
                       OOM if result.oom else None)

@@ -374,6 +374,8 @@ class Spec(BaseModel):
     stdin: Text | None = None
     timeout: Timeout = Field(default=None, validate_default=True)
     network: StrictBool = False
+    # A Python command starts a new interpreter, not a fork of the pool's warm one.
+    fresh_interpreter: StrictBool = False
 
     def argv(self) -> list[str]:
         """The command as an argument vector; a string command runs under ``/bin/sh -c``."""
@@ -400,6 +402,7 @@ class Spec(BaseModel):
         summary: dict[str, Any] = {
             "image": self.image, "command": self.command, "env": self.env,
             "timeout": self.timeout, "network": self.network,
+            "fresh_interpreter": self.fresh_interpreter,
             "resources": [r.describe() for r in self.resources],
         }
         if self.stdin is not None:

@@ -83,6 +83,11 @@ class Record:
     started_at: float | None = None
     finished_at: float | None = None
     duration_ms: float | None = None
+    # How it started (forked from a warm interpreter, or not), the CPU time it used and
+    # its peak memory in bytes, from the kernel's accounting of its process.
+    forked: bool | None = None
+    cpu_ms: float | None = None
+    max_rss: int | None = None
     error: str | None = None
     seq: int | None = None
 
@@ -107,6 +112,9 @@ class Record:
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
             "duration_ms": self.duration_ms,
+            "forked": self.forked,
+            "cpu_ms": self.cpu_ms,
+            "max_rss": self.max_rss,
             "error": self.error,
         }
         if output:
