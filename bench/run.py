@@ -73,6 +73,12 @@ RSS_AFTER = 1000
 REFILLS = 5
 
 PYTHON_MIN_IDLE = 2
+# Rows 8 and 9: a main.py that imports these, then prints what every row prints. The
+# python pool preloads them.
+IMPORTS = ["json", "re", "datetime", "decimal", "http.client", "email", "asyncio", "sqlite3",
+           "csv", "hashlib", "urllib.parse"]
+MAIN_PY = f"import {', '.join(IMPORTS)}\nprint('hi')\n"
+N_FRESH = 100
 POOL_MAX = 8
 BUSYBOX_MIN_IDLE = 1
 BUSYBOX_MAX = 2
@@ -232,6 +238,7 @@ labels = {{ {labels} }}
 image = {json.dumps(python_image)}
 min_idle = {PYTHON_MIN_IDLE}
 max = {POOL_MAX}
+preload = {json.dumps(IMPORTS)}
 
 [[pools]]
 image = {json.dumps(busybox_image)}
@@ -415,8 +422,10 @@ class HttpSeries:
     image, then each one a follow-up (``POST /fn/{id}``) of the one before."""
 
     def __init__(self, client: Client, name: str, body: bytes,
-                 follow_image: str | None = None) -> None:
+                 follow_image: str | None = None, forked: bool | None = None) -> None:
+        """``forked``: how each record must say it started, when it matters."""
         self.client, self.name, self.body = client, name, body
+        self.forked = forked
         self.records: list[dict[str, Any]] = []
         self.follow = follow_image is not None
         self.after = ""
@@ -431,6 +440,8 @@ class HttpSeries:
         path = f"/fn/{self.after}?wait={WAIT}" if self.follow else f"/fn?wait={WAIT}"
         record, why = outcome(*self.client.request("POST", path, self.body))
         self.records.append(record)
+        if self.forked is not None and record.get("forked") is not self.forked:
+            why = f"{why} forked {record.get('forked')}".strip()
         if self.follow:
             self.after = record.get("id", self.after)
             if record.get("locality") != "hit":
@@ -448,8 +459,8 @@ class HttpSeries:
 
 
 def http_row(client: Client, name: str, n: int, body: bytes, *,
-             follow_image: str | None = None) -> HttpRow:
-    series = HttpSeries(client, name, body, follow_image)
+             follow_image: str | None = None, forked: bool | None = None) -> HttpRow:
+    series = HttpSeries(client, name, body, follow_image, forked)
     return series.result(timed(Row(name), n, series.once))
 
 
@@ -609,6 +620,8 @@ class Results:
     server_warnings: int = 0
     # Row 3's two halves with ufaas's logic taken out (bench.floors): HTTP, agent.
     floors: list[Row] = field(default_factory=list)
+    # What a zygote costs a container (zygote_memory).
+    zygote: dict[str, Any] = field(default_factory=dict)
 
 
 ROW_NAMES = {
@@ -619,7 +632,51 @@ ROW_NAMES = {
     5: "ufaas busybox (exec fallback)",
     6: "ufaas follow-up POST /fn/{id}",
     7: "host subprocess.run (floor)",
+    8: "ufaas main.py, fresh interpreter",
+    9: "ufaas main.py, forked (zygote)",
 }
+
+
+def main_body(image: str, *, fresh: bool) -> bytes:
+    return json.dumps({"image": image, "command": ["python3", "main.py"],
+                       "resources": [{"path": "main.py", "text": MAIN_PY}],
+                       "fresh_interpreter": fresh}).encode()
+
+
+def zygote_pss_mib(container_id: str) -> float:
+    """The proportional memory of a container's zygote and its spare, read from this host's
+    /proc (the engine is local; inside, their memory is closed to everyone): pages they
+    share with each other, or with the agent, are counted in shares."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if len(argv) < 3 or not argv[2].startswith(b'"""The zygote'):
+                continue
+            if container_id not in Path(f"/proc/{pid}/cgroup").read_text():
+                continue
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError):
+            return float("nan")
+    return total / 1024 if total else float("nan")
+
+
+def zygote_memory(client: Client, docker_client: docker.DockerClient, image: str
+                  ) -> dict[str, Any]:
+    """What a zygote costs one container: its own and its spare's proportional share of
+    memory (pages they share with each other, or the agent, counted once), and the
+    zygote's resident size as the pool reports it."""
+    stats = pool_stats(client)[image]
+    found = docker_client.containers.list(filters={"label": [
+        f"ufaas.bench.run={RUN_ID}", f"ufaas.pool={stats['name']}"], "status": "running"})
+    if not found:
+        raise BenchError(f"no running container of the pool of {image}")
+    pss = zygote_pss_mib(found[0].id or "")
+    zygote = stats.get("zygote") or {}
+    return {"pss_mib": pss, "rss_mib": (zygote.get("rss") or 0) / (1 << 20),
+            "preload": zygote.get("preload"), "failed": zygote.get("failed")}
 
 
 def measure(args: argparse.Namespace, server: Server, docker_client: docker.DockerClient,
@@ -644,31 +701,42 @@ def measure(args: argparse.Namespace, server: Server, docker_client: docker.Dock
     res.floors = [http_floor(n, plain), agent_floor(docker_client, n, args.python_image)]
 
     say("rows 3-6 (ufaas) ...")
-    # The rows a target compares are timed in alternating blocks: 3 with 6, 5 with 2. Small
-    # blocks for row 6: the other row's functions land in the same warm container, which
-    # keeps only the 16 latest working directories (pool.DEFAULT_WORKDIRS_KEPT); more
-    # than 16 between two follow-ups would make the next one a locality miss. Row 4
+    # The rows a target compares are timed in alternating blocks: 3 with 6 and 9, 5 with 2.
+    # Small blocks for row 6: the other rows' functions land in the same warm container,
+    # which keeps only the 16 latest working directories (pool.DEFAULT_WORKDIRS_KEPT);
+    # more than 16 between two follow-ups would make the next one a locality miss. Row 4
     # last, since its 88 KB records can slow the functions that come right after them.
     wait_settled(client)
     # A follow-up may leave out the image: it runs where the function before it ran.
     row3 = HttpSeries(client, ROW_NAMES[3], plain)
     row6 = HttpSeries(client, ROW_NAMES[6], json.dumps({"command": ARGV}).encode(),
                       args.python_image)
-    timed_rows = {3: Row(ROW_NAMES[3]), 6: Row(ROW_NAMES[6])}
-    interleaved([(timed_rows[3], row3.once), (timed_rows[6], row6.once)], n)
+    # Row 9 with them: its target is a ratio to row 3.
+    row9 = HttpSeries(client, ROW_NAMES[9], main_body(args.python_image, fresh=False),
+                      forked=True)
+    timed_rows = {3: Row(ROW_NAMES[3]), 6: Row(ROW_NAMES[6]), 9: Row(ROW_NAMES[9])}
+    interleaved([(timed_rows[3], row3.once), (timed_rows[6], row6.once),
+                 (timed_rows[9], row9.once)], n)
     wait_settled(client)
     row5 = HttpSeries(client, ROW_NAMES[5], function_body(args.busybox_image))
     timed_rows.update({2: Row(ROW_NAMES[2]), 5: Row(ROW_NAMES[5])})
     with exec_run_once(docker_client, args.python_image) as exec_run:
         interleaved([(timed_rows[2], exec_run), (timed_rows[5], row5.once)], args.n_exec)
     res.rows[2] = timed_rows[2]
-    for number, series in ((3, row3), (6, row6), (5, row5)):
+    for number, series in ((3, row3), (6, row6), (9, row9), (5, row5)):
         got = series.result(timed_rows[number])
         res.rows[number], res.server_ms[number] = got.row, got.server_ms
     wait_settled(client)
     got = http_row(client, ROW_NAMES[4], n, function_body(args.python_image,
                                                          resources=resources()))
     res.rows[4], res.server_ms[4] = got.row, got.server_ms
+
+    say("row 8 (main.py in a fresh interpreter) ...")
+    wait_settled(client)
+    got = http_row(client, ROW_NAMES[8], args.n_fresh,
+                   main_body(args.python_image, fresh=True), forked=False)
+    res.rows[8], res.server_ms[8] = got.row, got.server_ms
+    res.zygote = zygote_memory(client, docker_client, args.python_image)
 
     functions = client.posts
     if functions < RSS_AFTER:
@@ -728,6 +796,12 @@ def targets(res: Results) -> list[tuple[str, bool, str]]:
         ("row 5 p50 <= row 2 p50 + 10 ms", r[5] <= r[2] + 10,
          f"{r[5]:.1f} vs {r[2] + 10:.1f} ms"),
     ]
+    if 8 in r and 9 in r:
+        out += [
+            ("row 9 (forked) >= 10x faster than row 8 (fresh)", r[8] / r[9] >= 10,
+             f"{r[8] / r[9]:.1f}x"),
+            ("row 9 p50 <= 2x row 3 p50", r[9] <= 2 * r[3], f"{r[9]:.2f} vs {2 * r[3]:.2f} ms"),
+        ]
     if 16 in by_c:
         out.append((">= 300 functions/s at concurrency 16", by_c[16].per_s >= 300,
                     f"{by_c[16].per_s:.0f}/s"))
@@ -760,7 +834,9 @@ def print_report(res: Results, checks: list[tuple[str, bool, str]]) -> None:
         print(f"{number:>1}  {s['row']:<34} {s['n']:>4} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
               f"{s['mean_ms']:>8.2f} {ratio:>6.{2 if ratio < 10 else 0}f}x {s['failures']:>4}")
     print()
-    for number in (3, 4, 5, 6):
+    for number in (3, 4, 5, 6, 8, 9):
+        if number not in res.rows:
+            continue
         row, span = res.rows[number], statistics.fmean(res.server_ms[number] or [0])
         print(f"row {number}: command ran {p50(row.inside_ms):.2f} ms inside the container "
               f"(p50); server created->finished {span:.1f} ms (mean, ms-resolution stamps)")
@@ -806,6 +882,12 @@ def print_report(res: Results, checks: list[tuple[str, bool, str]]) -> None:
         print(f"start-up from process spawn: 'ready' logged at {st.ready_s:.2f} s, first warm "
               f"container at {st.first_warm_s:.2f} s, both pools at min_idle at "
               f"{st.all_warm_s:.2f} s")
+    if res.zygote:
+        z = res.zygote
+        print(f"a zygote per warm container (preload: {len(z['preload'] or [])} modules"
+              f"{', failed: ' + ', '.join(z['failed']) if z['failed'] else ''}): "
+              f"{z['pss_mib']:.1f} MiB proportional (zygote + its spare), "
+              f"the zygote {z['rss_mib']:.1f} MiB resident")
     if res.server_warnings:
         print(f"the server logged {res.server_warnings} warning/error lines")
 
@@ -839,6 +921,7 @@ def write_json(path: Path, res: Results, checks: list[tuple[str, bool, str]],
                     "after_functions": res.rss_after_count, "end": res.rss_end_mib,
                     "end_functions": res.functions},
         "startup_s": asdict(res.startup) if res.startup else None,
+        "zygote": res.zygote,
         "targets": [{"target": name, "pass": ok, "value": value} for name, ok, value in checks],
         **extra,
     }
@@ -857,6 +940,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="timed runs of rows 2 and 5 (default %(default)s)")
     parser.add_argument("--n-run", type=int, default=N_RUN,
                         help="timed runs of row 1, `docker run` (default %(default)s)")
+    parser.add_argument("--n-fresh", type=int, default=N_FRESH,
+                        help="timed runs of row 8, main.py fresh (default %(default)s)")
     parser.add_argument("--per-level", type=int, default=PER_LEVEL,
                         help="functions per throughput level (default %(default)s)")
     parser.add_argument("--profile", action="store_true",
