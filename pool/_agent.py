@@ -659,7 +659,10 @@ class Zygote:
             sock.close()
             os.close(pidfd)
             return self.take(run, first=True)
-        sock.close()
+        # The child says on it what it used before it had the job (Run.on_took).
+        sock.setblocking(False)
+        run.spare_sock = sock
+        self.sel.register(sock, selectors.EVENT_READ, run.on_took)
         self.forks += 1
         self.running[pid] = run
         run.handed(self, pid, pidfd)
@@ -770,6 +773,7 @@ class Zygotes:
             return Zygote(self, *self.config)
         except OSError as exc:
             self.error = "the zygote could not start: %s" % exc
+            sys.stderr.write("agent: %s\n" % self.error)
             return None
 
     def serving(self):
@@ -783,6 +787,10 @@ class Zygotes:
         if z is self.next:
             old, self.current, self.next = self.current, z, None
             if old is not None:
+                # Runs waiting for the old one's next spare take the new one's.
+                waiting, old.waiting = old.waiting, []
+                for run in waiting:
+                    z.take(run)
                 self.old.append(old)
                 old.retire()
         self.answer()
@@ -906,10 +914,14 @@ def python_job(agent, zygote, h, path, env, workdir):
     # imported (the zygote's would win): a fresh interpreter does these right.
     if ".local" in home or any(name.partition(".")[0] in modules for name in names):
         return None
+    rlimits = {}
+    if h.get("cpu_limit") is not None:
+        rlimits["RLIMIT_CPU"] = int(h["cpu_limit"])
     job = marshal.dumps({
         "uid": agent.id.uid, "gid": agent.id.gid, "cwd": workdir, "env": env,
         "argv": sys_argv, "orig_argv": list(argv), "kind": kind, "target": target,
-        "unbuffered": unbuffered, "dont_write_bytecode": dont_write_bytecode})
+        "unbuffered": unbuffered, "dont_write_bytecode": dont_write_bytecode,
+        "rlimits": rlimits})
     return job if len(job) <= 1 << 17 else None  # past what one message carries
 
 
@@ -951,6 +963,8 @@ class Run:
         self.reaped = False  # its end and its status are known
         self.cpu_ms = None
         self.max_rss = None
+        self.spare_sock = None  # a forked run's socket to its child, until it has said
+        self.cpu_before = 0.0  # the CPU time its child used before it had the job
 
     # -- start -----------------------------------------------------------------------------
 
@@ -979,9 +993,15 @@ class Run:
         path = which(argv[0], env.get(b"PATH"), os.fsencode(workdir))
         if path is None:
             return self.failed_to_start(127, "%s: not found" % h["argv"][0])
-        zygote = None if h.get("fresh") else self.agent.zygotes.serving()
+        # A fork starts with the zygote's address space: under a memory limit it would
+        # have less room than a fresh interpreter.
+        fork = not h.get("fresh") and h.get("memory_limit") is None
+        zygote = self.agent.zygotes.serving() if fork else None
         if zygote is not None:
             self.job = python_job(self.agent, zygote, h, path, env, workdir)
+        if self.job is None and (h.get("cpu_limit") is not None
+                                 or h.get("memory_limit") is not None):
+            path, argv = _limited(h, argv)
         stdin_r, stdin_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -1056,6 +1076,24 @@ class Run:
             self.abort(exc)
         finally:
             os.chdir("/")
+
+    def on_took(self, fd, events):
+        try:
+            data = self.spare_sock.recv(4096)
+            said = marshal.loads(data) if data else {}
+            self.cpu_before = float(said.get("cpu_ms") or 0.0)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, EOFError, ValueError, TypeError, AttributeError):
+            pass
+        self.close_spare_sock()
+
+    def close_spare_sock(self):
+        if self.spare_sock is not None:
+            if self.spare_sock in self.agent.sel.get_map():
+                self.agent.sel.unregister(self.spare_sock)
+            self.spare_sock.close()
+            self.spare_sock = None
 
     def orphaned(self):
         """Its zygote is gone: the child is ours now, and so is its exit status."""
@@ -1244,7 +1282,9 @@ class Run:
             "oom": bool(self.oom_before is not None and oom_after is not None
                         and oom_after > self.oom_before),
             "truncated": {"stdout": self.truncated[1], "stderr": self.truncated[2]},
-            "clean": self.clean, "forked": self.forked, "cpu_ms": self.cpu_ms,
+            "clean": self.clean, "forked": self.forked,
+            "cpu_ms": (None if self.cpu_ms is None
+                       else round(max(self.cpu_ms - self.cpu_before, 0.0), 3)),
             "max_rss": self.max_rss,
         })
 
@@ -1266,6 +1306,7 @@ class Run:
         self.finish({"error": "agent: %s: %s" % (type(exc).__name__, exc), "clean": False})
 
     def finish(self, fields):
+        self.close_spare_sock()
         self.agent.runs.pop(self.id, None)
         self.agent.zygotes.after_run()
         if disk_low():  # the next function would find no room: have the container replaced
@@ -1284,6 +1325,18 @@ class Run:
             except OSError:  # a zygote's child that has not made its group yet
                 with contextlib.suppress(OSError):
                     os.kill(self.pid, signal.SIGKILL)
+
+
+def _limited(h, argv):
+    """The command under its limits: spawn cannot set them, so a shell does, then execs it."""
+    limits = []  # one per ulimit: dash takes no more
+    if h.get("cpu_limit") is not None:
+        limits.append("ulimit -t %d" % int(h["cpu_limit"]))
+    if h.get("memory_limit") is not None:
+        limits.append("ulimit -v %d" % max(int(h["memory_limit"]) // 1024, 1))
+    script = ('%s || { echo "ufaas: the limits could not be set" >&2; exit 125; }; '
+              'exec "$@"' % " && ".join(limits))
+    return b"/bin/sh", [b"sh", b"-c", script.encode(), b"sh"] + argv
 
 
 def _decode_status(status):

@@ -250,6 +250,7 @@ class AgentRunner:
             "op": "run", "id": rid, "argv": job.argv, "env": job.env, "workdir": workdir,
             "files": files, "timeout": job.timeout, "stdin_eof": stdin is None,
             "cap": job.output_cap, "drop": self.drops, "fresh": job.fresh,
+            "cpu_limit": job.cpu_limit, "memory_limit": job.memory_limit,
         }
         self.drops = []
         try:
@@ -392,6 +393,20 @@ _NOT_OWN = "the working directory is not a directory of its own"
 _CLEAN_UP = f'_ufaas_uid="$0"; u=0; {_KILL_MINE}; {_WIPE_TEMP}; {_IPC_LEFT}; echo $u'
 
 
+def _limited(job: Job) -> str:
+    """The function's command in the exec script: with its limits, in a subshell of its
+    own, so that they bind it and not the clean-up after it."""
+    limits = []  # CPU seconds, KiB of address space; one per ulimit: dash takes no more
+    if job.cpu_limit is not None:
+        limits.append(f"ulimit -t {int(job.cpu_limit)}")
+    if job.memory_limit is not None:
+        limits.append(f"ulimit -v {max(int(job.memory_limit) // 1024, 1)}")
+    if not limits:
+        return '"$@"'
+    return (f'({" && ".join(limits)} || {{ echo "ufaas: the limits could not be set" >&2; '
+            'exit 125; }; exec "$@")')
+
+
 class _MarkedOutput(Output):
     """Output that takes the line ``<marker> <disk_low> <oom> <unclean> <exit code>`` (or
     ``<marker> refused``), written by our script after the function, off the end of stderr.
@@ -526,7 +541,7 @@ class ExecRunner:
         self.drops = []
         script = (f"_ufaas_uid={self.uid}; {drops}{_OOM_KILLS}; oom_kills; _ufaas_b=$_ufaas_n; "
                   f"{_ENTER_WORKDIR} || {{ printf '{marker} refused\\n' >&2; exit 126; }}; "
-                  f'"$@"; rc=$?; u=0; {_KILL_MINE}; {_WIPE_TEMP}; {_IPC_LEFT}; '
+                  f'{_limited(job)}; rc=$?; u=0; {_KILL_MINE}; {_WIPE_TEMP}; {_IPC_LEFT}; '
                   f"d=0; {_DISK_LOW} && d=1; oom_kills; o=0; "
                   '[ "$_ufaas_n" != "$_ufaas_b" ] && o=1; '
                   f"printf '{marker} %s %s %s %s\\n' $d $o $u $rc >&2; exit $rc")

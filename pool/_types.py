@@ -114,6 +114,10 @@ class Job:
     output_cap: int = DEFAULT_OUTPUT_CAP
     id: str = ""
     fresh: bool = False  # a Python command starts a new interpreter, not from a zygote
+    # Limits of the function's own process, set before it starts (and inherited by what it
+    # starts): CPU seconds (then SIGKILL) and bytes of address space. None: the profile's.
+    cpu_limit: int | None = None
+    memory_limit: int | None = None
 
 
 @dataclass(frozen=True)
