@@ -508,7 +508,9 @@ async def test_token_everywhere_and_never_logged(start_server, make_config, imag
                  {"X-Token": secret}]
         async with httpx.AsyncClient(base_url=base, timeout=30) as anonymous:
             for method, path, ws in every:
-                for headers in wrong:
+                # Piston's clients send their key alone: its routes take it that way too.
+                piston = path.startswith("/api/v2/")
+                for headers in [h for h in wrong if not piston or h != {"Authorization": secret}]:
                     if ws:
                         with pytest.raises(ConnectionRejected) as rejected:
                             async with open_websocket_url(
@@ -521,7 +523,7 @@ async def test_token_everywhere_and_never_logged(start_server, make_config, imag
                     r = await anonymous.request(method, path, headers=headers,
                                                 content=b"{}" * 50_000)
                     assert r.status_code == 401, (method, path, headers, r.text)
-                    assert r.json()["error"] == "missing or wrong token"
+                    assert r.json()["message" if piston else "error"] == "missing or wrong token"
                 # The first token counts, as everywhere else in query strings. A valid spec
                 # as the body: a refusal must not depend on the body being wrong.
                 valid = json.dumps({"image": images.busybox, "command": ["true"]}).encode()

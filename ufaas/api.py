@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 from pool import Profile
 
 from .config import Config
+from .piston import PISTON_PREFIX, piston_api
 from .scheduler import Conflict, NotFound, QueueFull, Scheduler
 from .spec import BadJSON, SpecError
 from .store import STATUSES, Record
@@ -83,13 +84,17 @@ def choice(args: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
     return raw
 
 
-def authorized(token: bytes, authorization: str, args: Mapping[str, str]) -> bool:
-    """A bearer token in the Authorization header, else ``?token=`` (the first one)."""
+def authorized(token: bytes, authorization: str, args: Mapping[str, str], *,
+               bare: bool = False) -> bool:
+    """A bearer token in the Authorization header, else ``?token=`` (the first one); with
+    ``bare``, also the token alone in the header, as Piston's clients send their key."""
     if not token:
         return True
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110)
         given = credentials.strip()
+    elif bare and authorization:
+        given = authorization.strip()
     else:
         given = args.get("token", "")
     return hmac.compare_digest(given.encode(errors="replace"), token)
@@ -156,7 +161,12 @@ def create_app(scheduler: Scheduler, config: Config,
 
     @app.before_request
     async def check_token() -> Response | None:
-        if not authorized(token, request.headers.get("Authorization", ""), request.args):
+        piston = request.path.startswith(PISTON_PREFIX)
+        if not authorized(token, request.headers.get("Authorization", ""), request.args,
+                          bare=piston):
+            if piston:  # errors as Piston shapes them
+                return Response(json.dumps({"message": "missing or wrong token"}), 401,
+                                content_type=JSON_TYPE)
             return error(401, "missing or wrong token", headers={"WWW-Authenticate": "Bearer"})
         return None
 
@@ -171,7 +181,8 @@ def create_app(scheduler: Scheduler, config: Config,
 
     @app.before_websocket
     async def check_ws_token() -> Response | None:
-        if not authorized(token, websocket.headers.get("Authorization", ""), websocket.args):
+        if not authorized(token, websocket.headers.get("Authorization", ""), websocket.args,
+                          bare=websocket.path.startswith(PISTON_PREFIX)):
             return error(401, "missing or wrong token")
         return None
 
@@ -318,4 +329,5 @@ def create_app(scheduler: Scheduler, config: Config,
         await websocket.accept()
         await serve_socket(scheduler, websocket.receive, websocket.send)
 
+    app.register_blueprint(piston_api(scheduler, config))
     return app

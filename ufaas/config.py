@@ -12,7 +12,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from semantic_version import Version
 
 import pool
 from pool import MiB, Profile
@@ -23,7 +24,7 @@ from .spec import Limits
 
 ENV_PREFIX = "UFAAS_"
 # Settings that are tables in TOML: not settable from a single environment variable.
-_TABLES = ("pools", "labels", "fetch_allow")
+_TABLES = ("pools", "labels", "fetch_allow", "runtimes")
 
 
 def default_db() -> str:
@@ -80,6 +81,44 @@ class PoolConfig(BaseModel):
         """``min_idle``, ``max`` and ``idle_ttl`` of this pool, the server's where not given."""
         return {name: getattr(config, name) if getattr(self, name) is None
                 else getattr(self, name) for name in ("min_idle", "max", "idle_ttl")}
+
+
+class RuntimeConfig(BaseModel):
+    """A runtime of the Piston-compatible API: ``[[runtimes]]`` in the TOML file.
+
+    ``run`` (and ``compile``, a step that runs first in the same working directory) is an
+    argument list where ``{file}`` stands for the first code file and ``{files}`` for all
+    of them; the caller's ``args`` follow ``run``'s.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    language: str = Field(min_length=1)
+    version: str = Field(min_length=1, description="semver, say 3.11.2")
+    aliases: list[str] = Field(default_factory=list)
+    runtime: str | None = None
+    image: str = Field(min_length=1)
+    run: list[str] = Field(min_length=1)
+    compile: list[str] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("version")
+    @classmethod
+    def _semver(cls, version: str) -> str:
+        try:
+            Version.coerce(version)
+        except ValueError:
+            raise ValueError(f"{version!r} is not a version (say 3.11.2)") from None
+        return version
+
+
+# The runtimes of the images the tests build (tests/images.py); see README for more.
+DEFAULT_RUNTIMES = [
+    RuntimeConfig(language="python", version="3.11.2", aliases=["py", "py3", "python3"],
+                  image="ufaas-test/python", run=["python3", "{file}"]),
+    RuntimeConfig(language="sh", version="1.35.0", aliases=["shell", "busybox"],
+                  image="ufaas-test/busybox", run=["sh", "{file}"]),
+]
 
 
 class Config(BaseModel):
@@ -140,6 +179,13 @@ class Config(BaseModel):
                                 "a request's body")
     send_timeout: float = Field(60.0, gt=0, description="seconds an answer may take to "
                                 "reach its client")
+    # The Piston-compatible API: its runtimes, and the limits of each stage (a request
+    # may ask for less, not more).
+    runtimes: list[RuntimeConfig] = Field(default_factory=lambda: list(DEFAULT_RUNTIMES))
+    piston_run_timeout: float = Field(3.0, gt=0, description="seconds")
+    piston_compile_timeout: float = Field(10.0, gt=0, description="seconds")
+    piston_run_cpu_time: float = Field(3.0, gt=0, description="CPU seconds")
+    piston_compile_cpu_time: float = Field(10.0, gt=0, description="CPU seconds")
     # Engine and shutdown.
     engine_timeout: float = Field(pool.DEFAULT_CALL_TIMEOUT, gt=0,
                                   description="deadline of one engine call")
@@ -149,6 +195,9 @@ class Config(BaseModel):
     def _timeouts(self) -> Config:
         if self.default_timeout > self.max_timeout:
             raise ValueError("default_timeout must not exceed max_timeout")
+        if max(self.piston_run_timeout, self.piston_compile_timeout) > self.max_timeout:
+            raise ValueError("piston_run_timeout and piston_compile_timeout must not exceed "
+                             "max_timeout")
         for pc in self.pools:
             sizes = pc.sizes(self)
             if sizes["min_idle"] > sizes["max"]:

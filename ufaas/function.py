@@ -183,7 +183,8 @@ class Function:
         job = Job(spec.argv(), files=files, env=dict(spec.env),
                   stdin=spec.stdin.encode() if spec.stdin is not None else None,
                   timeout=spec.timeout, output_cap=scheduler.config.output_cap, id=self.id,
-                  fresh=spec.fresh_interpreter)
+                  fresh=spec.fresh_interpreter, cpu_limit=spec.cpu_limit,
+                  memory_limit=spec.memory_limit)
         try:
             result = await lease.run(job, self._output, self.stdin)
         finally:

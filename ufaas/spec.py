@@ -38,6 +38,7 @@ from pool import BadFile, File, check_path, check_tree
 from .fetch import url_problem
 
 DEFAULT_MODE = 0o644
+MiB = 1 << 20
 MAX_IMAGE_CHARS = 256
 MAX_URL_CHARS = 2048
 MAX_ENV_ENTRIES = 256
@@ -376,6 +377,10 @@ class Spec(BaseModel):
     network: StrictBool = False
     # A Python command starts a new interpreter, not a fork of the pool's warm one.
     fresh_interpreter: StrictBool = False
+    # Limits of the command's own process: CPU seconds (then it is killed), and bytes of
+    # address space. The container's profile binds whatever these allow.
+    cpu_limit: int | None = Field(None, ge=1, le=86400, strict=True)
+    memory_limit: int | None = Field(None, ge=MiB, le=1 << 50, strict=True)
 
     def argv(self) -> list[str]:
         """The command as an argument vector; a string command runs under ``/bin/sh -c``."""
@@ -403,6 +408,7 @@ class Spec(BaseModel):
             "image": self.image, "command": self.command, "env": self.env,
             "timeout": self.timeout, "network": self.network,
             "fresh_interpreter": self.fresh_interpreter,
+            "cpu_limit": self.cpu_limit, "memory_limit": self.memory_limit,
             "resources": [r.describe() for r in self.resources],
         }
         if self.stdin is not None:
