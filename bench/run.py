@@ -79,6 +79,7 @@ IMPORTS = ["json", "re", "datetime", "decimal", "http.client", "email", "asyncio
            "csv", "hashlib", "urllib.parse"]
 MAIN_PY = f"import {', '.join(IMPORTS)}\nprint('hi')\n"
 N_FRESH = 100
+N_PISTON = 300
 POOL_MAX = 8
 BUSYBOX_MIN_IDLE = 1
 BUSYBOX_MAX = 2
@@ -89,7 +90,9 @@ WATCH_INTERVAL = 2.0
 WAIT = 10  # ?wait= of the latency rows
 BATCH_WAIT = 30  # ?wait= under load, where up to 56 functions queue for 8 containers
 HTTP_TIMEOUT = 60.0
-IDLE_RECONNECT = 30.0  # open a fresh connection rather than reuse one idle this long
+# Open a fresh connection rather than reuse one idle this long: the server closes one idle
+# for its header_timeout (10 s by default).
+IDLE_RECONNECT = 5.0
 READY_TIMEOUT = 60.0
 WARM_TIMEOUT = 120.0
 SETTLE_TIMEOUT = 60.0
@@ -239,6 +242,12 @@ image = {json.dumps(python_image)}
 min_idle = {PYTHON_MIN_IDLE}
 max = {POOL_MAX}
 preload = {json.dumps(IMPORTS)}
+
+[[runtimes]]
+language = "python"
+version = "3.11.2"
+image = {json.dumps(python_image)}
+run = ["python3", "{{file}}"]
 
 [[pools]]
 image = {json.dumps(busybox_image)}
@@ -634,7 +643,38 @@ ROW_NAMES = {
     7: "host subprocess.run (floor)",
     8: "ufaas main.py, fresh interpreter",
     9: "ufaas main.py, forked (zygote)",
+    10: "ufaas print('hi'), as row 11 runs it",
+    11: "Piston API /api/v2/execute, same",
 }
+# Rows 10 and 11: one line of python through /fn, with what the Piston layer adds (its CPU
+# limit, its stdin's newline), and through the Piston layer itself.
+ONE_LINE = "print('hi')"
+
+
+def one_line_body(image: str) -> bytes:
+    return json.dumps({"image": image, "command": ["python3", "main.py"],
+                       "resources": [{"path": "main.py", "text": ONE_LINE}],
+                       "stdin": "\n", "timeout": 3, "cpu_limit": 3}).encode()
+
+
+PISTON_BODY = json.dumps({"language": "python", "version": "3.x",
+                          "files": [{"name": "main.py", "content": ONE_LINE}]}).encode()
+
+
+class PistonSeries:
+    """``POST /api/v2/execute`` one at a time."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def once(self) -> tuple[bytes, str]:
+        status, data = self.client.request("POST", "/api/v2/execute", PISTON_BODY)
+        try:
+            run = json.loads(data)["run"]
+        except (ValueError, KeyError, TypeError):
+            return b"", f"HTTP {status}: {data[:80]!r}"
+        why = "" if status == 200 and run.get("code") == 0 else f"HTTP {status}: {run}"
+        return str(run.get("stdout", "")).encode(), why
 
 
 def main_body(image: str, *, fresh: bool) -> bytes:
@@ -731,6 +771,16 @@ def measure(args: argparse.Namespace, server: Server, docker_client: docker.Dock
                                                          resources=resources()))
     res.rows[4], res.server_ms[4] = got.row, got.server_ms
 
+    say("rows 10 and 11 (one line of python: /fn and the Piston API) ...")
+    wait_settled(client)
+    row10 = HttpSeries(client, ROW_NAMES[10], one_line_body(args.python_image), forked=True)
+    row11 = PistonSeries(client)
+    timed_rows.update({10: Row(ROW_NAMES[10]), 11: Row(ROW_NAMES[11])})
+    interleaved([(timed_rows[10], row10.once), (timed_rows[11], row11.once)], args.n_piston)
+    res.rows[11] = timed_rows[11]
+    got = row10.result(timed_rows[10])
+    res.rows[10], res.server_ms[10] = got.row, got.server_ms
+
     say("row 8 (main.py in a fresh interpreter) ...")
     wait_settled(client)
     got = http_row(client, ROW_NAMES[8], args.n_fresh,
@@ -802,6 +852,9 @@ def targets(res: Results) -> list[tuple[str, bool, str]]:
              f"{r[8] / r[9]:.1f}x"),
             ("row 9 p50 <= 2x row 3 p50", r[9] <= 2 * r[3], f"{r[9]:.2f} vs {2 * r[3]:.2f} ms"),
         ]
+    if 10 in r and 11 in r:
+        out.append(("row 11 (Piston API) p50 <= row 10 p50 + 0.5 ms", r[11] <= r[10] + 0.5,
+                    f"{r[11]:.2f} vs {r[10] + 0.5:.2f} ms"))
     if 16 in by_c:
         out.append((">= 300 functions/s at concurrency 16", by_c[16].per_s >= 300,
                     f"{by_c[16].per_s:.0f}/s"))
@@ -942,6 +995,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="timed runs of row 1, `docker run` (default %(default)s)")
     parser.add_argument("--n-fresh", type=int, default=N_FRESH,
                         help="timed runs of row 8, main.py fresh (default %(default)s)")
+    parser.add_argument("--n-piston", type=int, default=N_PISTON,
+                        help="timed runs of rows 10 and 11, the Piston API (default %(default)s)")
     parser.add_argument("--per-level", type=int, default=PER_LEVEL,
                         help="functions per throughput level (default %(default)s)")
     parser.add_argument("--profile", action="store_true",
