@@ -5,6 +5,7 @@ the tests' process, for a module to share."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -106,3 +107,16 @@ class ThreadedServer:
         trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
         self._thread.join(START_CAP)
         assert not self._thread.is_alive(), "the server did not stop"
+
+
+@contextlib.contextmanager
+def module_server(name, tmp_path_factory, labels, **settings):
+    """The real server in a thread, on port 0 with a database of its own, for a whole test
+    module to share; its URL. ``labels``: the module's (the ``module_labels`` fixture)."""
+    from ufaas.config import Config
+
+    config = Config.load(None, environ={}, port=0,
+                         db=str(tmp_path_factory.mktemp(name) / "ufaas.db"), **settings)
+    with ThreadedServer(config, instance=f"{labels['ufaas.test']}-{name}",
+                        labels=labels) as running:
+        yield running.url

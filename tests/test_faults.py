@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 import sites
 import trio
-from command import ThreadedServer
+from command import ThreadedServer, module_server
 
 from ufaas.config import PoolConfig
 
@@ -75,15 +75,10 @@ async def still_serves(client, image, after=None):
 
 @pytest.fixture(scope="module")
 def refusing_server(docker_client, images, tmp_path_factory, module_labels):
-    from ufaas.config import Config
-
-    config = Config.load(
-        None, environ={}, port=0, db=str(tmp_path_factory.mktemp("bad-input") / "ufaas.db"),
-        max_body=MiB, max_file_bytes=64 * 1024, max_total_bytes=256 * 1024,
-        pools=[PoolConfig(image=images.busybox, min_idle=1, max=1)])
-    with ThreadedServer(config, instance=f"{module_labels['ufaas.test']}-bad",
-                        labels=module_labels) as server:
-        yield server.url
+    with module_server("bad", tmp_path_factory, module_labels,
+                       max_body=MiB, max_file_bytes=64 * 1024, max_total_bytes=256 * 1024,
+                       pools=[PoolConfig(image=images.busybox, min_idle=1, max=1)]) as url:
+        yield url
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import json
 import httpx
 import pytest
 import trio
-from command import ThreadedServer
+from command import module_server
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from ufaas.config import DEFAULT_RUNTIMES, Config, PoolConfig, RuntimeConfig
+from ufaas.config import DEFAULT_RUNTIMES, PoolConfig, RuntimeConfig
 
 CAP = 60
 MiB = 1 << 20
@@ -38,14 +38,11 @@ def runtimes(images):
 
 @pytest.fixture(scope="module")
 def server(docker_client, images, tmp_path_factory, module_labels):
-    config = Config.load(
-        None, environ={}, port=0, db=str(tmp_path_factory.mktemp("piston") / "ufaas.db"),
-        pools=[PoolConfig(image=images.python, min_idle=1, max=2),
-               PoolConfig(image=images.busybox, min_idle=1, max=1)],
-        runtimes=runtimes(images))
-    with ThreadedServer(config, instance=f"{module_labels['ufaas.test']}-piston",
-                        labels=module_labels) as running:
-        yield running.url
+    with module_server("piston", tmp_path_factory, module_labels,
+                       pools=[PoolConfig(image=images.python, min_idle=1, max=2),
+                              PoolConfig(image=images.busybox, min_idle=1, max=1)],
+                       runtimes=runtimes(images)) as url:
+        yield url
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 import trio
-from command import ThreadedServer
+from command import module_server
 
 from pool import Job, Pool, Profile
-from ufaas.config import Config, PoolConfig
+from ufaas.config import PoolConfig
 
 CAP = 60
 PRELOAD = ["json", "decimal", "random", "threading", "subprocess", "no_such_module_here"]
@@ -30,12 +30,10 @@ WORKDIR = re.compile(r"/tmp/ufaas/[0-9a-f]{32}")
 
 @pytest.fixture(scope="module")
 def server(docker_client, images, tmp_path_factory, module_labels):
-    config = Config.load(
-        None, environ={}, port=0, db=str(tmp_path_factory.mktemp("zygote") / "ufaas.db"),
-        pools=[PoolConfig(image=images.python, min_idle=1, max=1, preload=PRELOAD)])
-    with ThreadedServer(config, instance=f"{module_labels['ufaas.test']}-zygote",
-                        labels=module_labels) as running:
-        yield running.url
+    with module_server("zygote", tmp_path_factory, module_labels,
+                       pools=[PoolConfig(image=images.python, min_idle=1, max=1,
+                                         preload=PRELOAD)]) as url:
+        yield url
 
 
 @pytest.fixture
