@@ -4,6 +4,7 @@ Knows nothing of HTTP: a caller leases a container from a :class:`Pool`, runs on
 :class:`Job` in it and gets a :class:`Result`. :class:`Pools` keeps one pool per image.
 """
 
+from ._agent import output_matches  # the agent's matcher; the exec path's too
 from ._docker import DEFAULT_CALL_TIMEOUT, ContainerInfo, Engine, EngineError, ImageMissing
 from ._pool import (
     DEFAULT_IDLE_TTL,
@@ -19,18 +20,21 @@ from ._pool import (
     Pools,
     PoolStatistics,
 )
-from ._runner import WORKDIR_ROOT
+from ._runner import WORKDIR_ROOT, OnFile
 from ._types import (
     DEFAULT_OUTPUT_CAP,
     BadFile,
     File,
     Job,
     MiB,
+    OutputFile,
+    Outputs,
     Place,
     Profile,
     Result,
     check_files,
     check_path,
+    check_pattern,
     check_tree,
 )
 
@@ -38,7 +42,8 @@ __all__ = [
     "DEFAULT_CALL_TIMEOUT", "DEFAULT_IDLE_TTL", "DEFAULT_MAX", "DEFAULT_MAX_CONTAINERS",
     "DEFAULT_MIN_IDLE",
     "DEFAULT_OUTPUT_CAP", "WORKDIR_ROOT", "BadFile", "Container", "ContainerInfo", "Engine",
-    "EngineError", "File", "ImageMissing", "Job", "Lease", "LeaseTimeout", "MiB", "Place",
-    "Pool", "PoolClosed", "PoolError", "PoolStatistics", "Pools", "Profile", "Result",
-    "check_files", "check_path", "check_tree",
+    "EngineError", "File", "ImageMissing", "Job", "Lease", "LeaseTimeout", "MiB", "OnFile",
+    "OutputFile", "Outputs", "Place", "Pool", "PoolClosed", "PoolError", "PoolStatistics",
+    "Pools", "Profile", "Result", "check_files", "check_path", "check_pattern", "check_tree",
+    "output_matches",
 ]

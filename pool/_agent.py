@@ -16,6 +16,7 @@ container.
 import contextlib
 import ctypes
 import fcntl
+import fnmatch
 import json
 import marshal
 import os
@@ -57,15 +58,19 @@ ZYGOTE_FORKS = 100
 ZYGOTE_DEATHS = 3
 ZYGOTE_MESSAGE = 1 << 20
 
-_out = sys.stdout.buffer
 _out_lock = threading.Lock()
+# Output files: how many directory entries one collection looks at, at most, and the size
+# of the pieces a file is sent in.
+SCAN_LIMIT = 20000
+FILE_CHUNK = 262144
 
 
 def send(header, body=b""):
     data = json.dumps(header, separators=(",", ":")).encode()
     with _out_lock:
-        _out.write(HEAD.pack(len(data), len(body)) + data + body)
-        _out.flush()
+        out = sys.stdout.buffer
+        out.write(HEAD.pack(len(data), len(body)) + data + body)
+        out.flush()
 
 
 def frames(buf):
@@ -362,6 +367,8 @@ class Agent:
         elif op == "cancel":
             if run is not None:
                 run.cancel()
+        elif op == "collect":
+            self.collect_outputs(header)
         elif op == "hello":
             # Answered once the zygote asked for is ready, or has failed.
             self.zygotes.configure(header.get("zygote"), body, lambda: send({
@@ -388,6 +395,22 @@ class Agent:
             raise Refused("the working directory is not a directory of its own")
         self.workdirs.add(token)
         return path, fd
+
+    def collect_outputs(self, h):
+        """After a run: send the files of its working directory that ``h`` names, read as
+        the functions' user. The container is this run's alone, so nothing waits meanwhile."""
+        path = os.path.join(ROOT, os.path.basename(h["workdir"]))
+        with self.id.acting():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:
+                send({"ev": "collected", "id": h["id"], "truncated": False,
+                      "error": "the working directory is not a directory of its own"})
+                return
+            try:
+                send_outputs(h["id"], fd, h)
+            finally:
+                os.close(fd)
 
     def drop(self, token):
         token = os.path.basename(token)
@@ -485,6 +508,127 @@ class Agent:
         except ChildProcessError:  # not ours (yet): a zygote's child
             return None
         return (_decode_status(status), usage) if got else None
+
+
+def output_matches(path, pattern):
+    """Whether relative ``path`` matches ``pattern`` part by part: ``*`` and ``?`` stay
+    within a part, and a ``**`` part matches any number of parts. (The host imports this
+    too: the exec path matches there.)"""
+    return _matches(path.split("/"), pattern.split("/"), False)
+
+
+def _matches(parts, pattern, below):
+    """With ``below``: whether a directory at ``parts`` may hold a match. The states are the
+    pattern positions reachable so far, so the cost is parts times pattern, whatever the
+    ``**``."""
+    k = len(pattern)
+
+    def closure(states):
+        for j in sorted(states):
+            while j < k and pattern[j] == "**":
+                j += 1
+                states.add(j)
+        return states
+
+    states = closure({0})
+    for part in parts:
+        states = closure({j if pattern[j] == "**" else j + 1 for j in states
+                          if j < k and (pattern[j] == "**"
+                                        or fnmatch.fnmatchcase(part, pattern[j]))})
+        if not states:
+            return False
+    return any(j < k for j in states) if below else k in states
+
+
+def find_outputs(workdir_fd, patterns, limit=SCAN_LIMIT):
+    """The regular files below ``workdir_fd`` that match a pattern, in path order, and
+    whether the scan stopped at ``limit`` entries. No symlink is followed, and a directory
+    is entered only when a pattern may match below it."""
+    found, seen = [], 0
+    stack = [((), os.dup(workdir_fd))]
+    try:
+        while stack:
+            parts, fd = stack.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    names = sorted((e.name, e.is_dir(follow_symlinks=False),
+                                    e.is_file(follow_symlinks=False)) for e in entries)
+            except OSError:
+                names = []
+            inner = []
+            for name, is_dir, is_file in names:
+                seen += 1
+                if seen > limit:
+                    os.close(fd)
+                    return sorted(found), True
+                path = parts + (name,)
+                rel = "/".join(path)
+                if is_file and any(output_matches(rel, p) for p in patterns):
+                    found.append(rel)
+                elif is_dir and any(_matches(list(path), p.split("/"), True)
+                                    for p in patterns):
+                    try:
+                        inner.append((path, os.open(name, os.O_RDONLY | os.O_DIRECTORY
+                                                    | os.O_NOFOLLOW, dir_fd=fd)))
+                    except OSError:
+                        pass
+            os.close(fd)
+            stack.extend(reversed(inner))
+    finally:
+        for _, fd in stack:
+            os.close(fd)
+    return sorted(found), False
+
+
+def _open_output(workdir_fd, rel):
+    """A descriptor of the regular file ``rel``, reached without following a symlink."""
+    parts = rel.split("/")
+    fd = os.dup(workdir_fd)
+    try:
+        for name in parts[:-1]:
+            nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        out = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(out).st_mode):
+        os.close(out)
+        raise OSError("not a regular file")
+    return out
+
+
+def send_outputs(rid, workdir_fd, h):
+    """Send the files ``h`` asks for: per file a ``file`` frame, then its bytes in ``data``
+    frames; then ``collected``. Each file is cut at ``max_file`` bytes, all of them at
+    ``max_total``, their number at ``max_count``."""
+    found, more = find_outputs(workdir_fd, h["patterns"])
+    if len(found) > h["max_count"]:
+        found, more = found[:h["max_count"]], True
+    room = h["max_total"]
+    for rel in found:
+        if room <= 0:
+            more = True
+            break
+        try:
+            fd = _open_output(workdir_fd, rel)
+        except OSError:
+            continue  # gone, or not a plain file of its own
+        try:
+            size = os.fstat(fd).st_size
+            keep = min(size, h["max_file"], room)
+            send({"ev": "file", "id": rid, "path": rel, "truncated": keep < size})
+            left = keep
+            while left > 0:
+                piece = os.read(fd, min(FILE_CHUNK, left))
+                if not piece:
+                    break
+                left -= len(piece)
+                send({"ev": "data", "id": rid}, piece)
+            room -= keep - left
+        finally:
+            os.close(fd)
+    send({"ev": "collected", "id": rid, "truncated": more})
 
 
 def _remove(path):

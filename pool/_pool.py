@@ -27,9 +27,11 @@ from ._runner import (
     LIFELINE,
     WORKDIR_ROOT,
     AgentRunner,
+    Collector,
     ContainerLost,
     ExecRunner,
     NoAgent,
+    OnFile,
     OnOutput,
     Stdin,
     agent_argv,
@@ -134,7 +136,7 @@ class Lease:
             self.pool._release(self.container, discard=self.discard)
 
     async def run(self, job: Job, on_output: OnOutput | None = None,
-                  stdin: Stdin | None = None) -> Result:
+                  stdin: Stdin | None = None, on_file: OnFile | None = None) -> Result:
         """Run ``job`` in the leased container; ``on_output(fd, data)`` sees output live.
 
         Without ``stdin`` the function reads ``job.stdin`` then end-of-file. With it (a
@@ -144,6 +146,12 @@ class Lease:
 
         On cancellation the function's processes are killed (the wait for that is
         shielded and bounded) before Cancelled propagates.
+
+        With ``job.outputs``, the files they name are collected once the function has
+        ended, however it ended (a timed-out function's partial files too), into
+        ``result.files``: their bytes go to ``on_file(path, chunk)`` as they come, or
+        without it into each file's ``data``. A collection that fails leaves the files
+        got so far, ``files_truncated`` and ``files_error``.
         """
         if self._ran:
             raise RuntimeError("a lease runs one function")
@@ -157,6 +165,15 @@ class Lease:
         except (ContainerLost, EngineError) as exc:
             runner.tainted = True
             result = Result("error", error=f"container failed: {exc}")
+        if job.outputs is not None and result.outcome != "refused" and runner.alive:
+            files = Collector(on_file)
+            try:
+                await runner.collect(self.workdir, job.outputs, files)
+            except (ContainerLost, EngineError) as exc:
+                runner.tainted = True
+                files.truncated = True
+                result.files_error = str(exc)
+            files.done(result)
         if not runner.alive:
             result.error = result.error or "container stopped"
         result.place = self.place

@@ -7,6 +7,7 @@ process left behind. The pool decides once per image which one its containers us
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -16,14 +17,15 @@ import struct
 import tarfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
 import trio
 
+from ._agent import output_matches
 from ._docker import Engine, EngineError, MuxStream
-from ._types import BadFile, File, Job, Result, check_files
+from ._types import BadFile, File, Job, OutputFile, Outputs, Result, check_files
 
 log = logging.getLogger("pool")
 
@@ -49,6 +51,51 @@ STDIN_CHUNK = 65536
 OnOutput = Callable[[int, bytes], None]
 # Live stdin: each chunk is fed as it comes; the channel's end is end-of-file.
 Stdin = trio.abc.ReceiveChannel[bytes]
+# Output files: awaited with each piece of each file collected, in order (a file's first
+# call may carry no bytes, so that an empty file is seen too).
+OnFile = Callable[[str, bytes], Awaitable[None]]
+# How long collecting a function's output files may take, at most.
+COLLECT_TIMEOUT = 30.0
+
+
+class Collector:
+    """Output files as their pieces arrive: sizes and SHA-256 counted here, the bytes
+    handed to ``on_file`` (or, without it, kept in ``OutputFile.data``)."""
+
+    def __init__(self, on_file: OnFile | None) -> None:
+        self.on_file = on_file
+        self.files: list[OutputFile] = []
+        self.truncated = False
+        self._hash = hashlib.sha256()
+        self._parts: list[bytes] = []
+
+    def _close(self) -> None:
+        if self.files:
+            last = self.files[-1]
+            last.sha256 = self._hash.hexdigest()
+            if self.on_file is None:
+                last.data = b"".join(self._parts)
+
+    async def begin(self, path: str, truncated: bool) -> None:
+        self._close()
+        self._hash, self._parts = hashlib.sha256(), []
+        self.files.append(OutputFile(path, truncated=truncated))
+        if self.on_file is not None:
+            await self.on_file(path, b"")
+
+    async def add(self, data: bytes) -> None:
+        current = self.files[-1]
+        current.size += len(data)
+        self._hash.update(data)
+        if self.on_file is None:
+            self._parts.append(data)
+        else:
+            await self.on_file(current.path, data)
+
+    def done(self, result: Result) -> Result:
+        self._close()
+        result.files, result.files_truncated = self.files, self.truncated
+        return result
 
 
 def agent_argv(user: str) -> list[str]:
@@ -113,6 +160,10 @@ class Runner(Protocol):
     async def run(self, job: Job, workdir: str, on_output: OnOutput | None = None,
                   stdin: Stdin | None = None) -> Result: ...
 
+    async def collect(self, workdir: str, outputs: Outputs, files: Collector) -> None:
+        """Hand the files of ``workdir`` that ``outputs`` names to ``files``; raise
+        ContainerLost (or EngineError) when the container fails meanwhile."""
+
     def drop(self, workdir: str) -> None:
         """Forget a working directory; it is deleted as part of the next run."""
 
@@ -149,6 +200,7 @@ class AgentRunner:
         self._stream = stream
         self._buf = bytearray()
         self._runs: dict[str, _AgentRun] = {}
+        self._collects: dict[str, trio.MemorySendChannel[tuple[dict, bytes]]] = {}
         self.agent_stderr = bytearray()
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -213,6 +265,13 @@ class AgentRunner:
                 elif ev == "exit" and run is not None:
                     run.exit = header
                     run.done.set()
+                elif ev in ("file", "data", "collected"):
+                    collect = self._collects.get(header.get("id", ""))
+                    if collect is not None:
+                        try:  # waits for the collector: the agent waits for us meanwhile
+                            await collect.send((header, body))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass  # given up on
                 elif ev == "zygote":
                     self.zygote = header
                     if header.get("error"):
@@ -234,6 +293,8 @@ class AgentRunner:
             self.alive = False
             for run in self._runs.values():
                 run.done.set()
+            for collect in self._collects.values():
+                collect.close()
             if self.on_lost is not None:  # the pool replaces us now, not at its next check
                 self.on_lost()
 
@@ -334,6 +395,35 @@ class AgentRunner:
             forked=bool(ex.get("forked")), cpu_ms=ex.get("cpu_ms"), max_rss=ex.get("max_rss"),
         ))
 
+    async def collect(self, workdir: str, outputs: Outputs, files: Collector) -> None:
+        rid = uuid.uuid4().hex
+        send, receive = trio.open_memory_channel[tuple[dict, bytes]](4)
+        self._collects[rid] = send
+        try:
+            with trio.fail_after(COLLECT_TIMEOUT):
+                await self._send({
+                    "op": "collect", "id": rid, "workdir": workdir,
+                    "patterns": list(outputs.patterns), "max_file": outputs.max_file,
+                    "max_total": outputs.max_total, "max_count": outputs.max_count})
+                async for header, body in receive:
+                    ev = header.get("ev")
+                    if ev == "file":
+                        await files.begin(str(header["path"]), bool(header.get("truncated")))
+                    elif ev == "data" and files.files:
+                        await files.add(body)
+                    elif ev == "collected":
+                        files.truncated = bool(header.get("truncated"))
+                        if header.get("error"):
+                            raise ContainerLost(f"output files: {header['error']}")
+                        return
+            raise ContainerLost("the agent stopped while sending output files")
+        except trio.TooSlowError:
+            self.tainted = True  # it may still be sending: this container is done with
+            raise ContainerLost(f"output files took over {COLLECT_TIMEOUT:g} s") from None
+        finally:
+            del self._collects[rid]
+            receive.close()
+
     def drop(self, workdir: str) -> None:
         # Carried by the next run message: no extra message on the hot path.
         self.drops.append(workdir)
@@ -390,6 +480,20 @@ _ENTER_WORKDIR = (
     f'cd -P -- "$0" 2>/dev/null && [ "$PWD" = "{WORKDIR_ROOT}/$0" ]'
 )
 _NOT_OWN = "the working directory is not a directory of its own"
+# Output files on the exec path: for each path given after $1 (bytes per file) and $2 (in
+# all), a line "F <size> <cut>" and that many bytes, "S" for one that is no longer a plain
+# file, "X" once all the room is used. Each is read twice (counted, then sent), at most
+# one byte past its share.
+_SEND_FILES = (
+    f'{_ENTER_WORKDIR} || exit 3; m=$1; r=$2; shift 2; for f; do '
+    '[ "$r" -le 0 ] && { echo X; break; }; '
+    '{ [ -L "$f" ] || [ ! -f "$f" ]; } && { echo S; continue; }; '
+    'n=$m; [ "$r" -lt "$n" ] && n=$r; '
+    's=$(head -c $((n + 1)) -- "$f" | wc -c); s=$((s)); t=0; '
+    '[ "$s" -gt "$n" ] && { t=1; s=$n; }; echo "F $s $t"; head -c "$s" -- "$f"; '
+    'r=$((r - s)); done'
+)
+_LISTING_CAP = 1 << 20
 _CLEAN_UP = f'_ufaas_uid="$0"; u=0; {_KILL_MINE}; {_WIPE_TEMP}; {_IPC_LEFT}; echo $u'
 
 
@@ -432,6 +536,34 @@ class _MarkedOutput(Output):
                 self.exit_code = int(found.group(4))
             data = data[:found.start()]
         super().add(fd, data)
+
+
+class _FramedFiles(Output):
+    """The stdout of ``_SEND_FILES``, kept (up to ``cap``) to be read back once it ends."""
+
+    async def replay(self, names: list[str], files: Collector) -> None:
+        data = memoryview(b"".join(self.parts[1]))
+        at = 0
+        for name in names:
+            end = bytes(data[at:at + 64]).find(b"\n")
+            if end < 0:
+                raise ContainerLost("output files: their stream was cut short")
+            line = bytes(data[at:at + end]).split()
+            at += end + 1
+            if line == [b"X"]:
+                files.truncated = True
+                return
+            if line == [b"S"]:
+                continue
+            if len(line) != 3 or line[0] != b"F" or not line[1].isdigit():
+                raise ContainerLost(f"output files: unexpected {line!r}")
+            size = int(line[1])
+            if at + size > len(data):
+                raise ContainerLost("output files: a file was cut short")
+            await files.begin(name, line[2] == b"1")
+            for i in range(at, at + size, 1 << 18):
+                await files.add(bytes(data[i:min(i + (1 << 18), at + size)]))
+            at += size
 
 
 class ExecRunner:
@@ -618,6 +750,41 @@ class ExecRunner:
         if code != 0:
             raise EngineError(f"could not deliver files (exit {code}): {err[-300:]!r}")
         return None
+
+    async def collect(self, workdir: str, outputs: Outputs, files: Collector) -> None:
+        """Two execs: one lists the working directory's files (no symlink followed), and
+        after the host has matched them one sends each, cut to its share of the caps."""
+        with trio.fail_after(COLLECT_TIMEOUT):
+            code, out, err = await self._exec(
+                ["sh", "-c", f"{_ENTER_WORKDIR} || exit 3; exec find . -type f -print0",
+                 workdir])
+            if code == 3:
+                raise ContainerLost(f"output files: {_NOT_OWN}")
+            listed = out.split(b"\0")
+            if len(out) >= _LISTING_CAP:
+                files.truncated = True
+                listed.pop()  # perhaps cut short
+            names = []
+            for raw in listed:
+                try:
+                    name = raw.removeprefix(b"./").decode()
+                except UnicodeDecodeError:
+                    continue  # the agent leaves out the same
+                if name and any(output_matches(name, p) for p in outputs.patterns):
+                    names.append(name)
+            names.sort()
+            if len(names) > outputs.max_count:
+                names, files.truncated = names[:outputs.max_count], True
+            if not names:
+                return
+            capped = _FramedFiles(outputs.max_total + 64 * len(names), None)
+            code = await self._exec_stream(
+                ["sh", "-c", _SEND_FILES, workdir, str(outputs.max_file),
+                 str(outputs.max_total), *names], b"", None, capped)
+            if code != 0:
+                raise ContainerLost(f"output files: sending them failed (exit {code}): "
+                                    f"{b''.join(capped.parts[2])[-200:]!r}")
+            await capped.replay(names, files)
 
     def drop(self, workdir: str) -> None:
         self.drops.append(workdir)

@@ -102,6 +102,44 @@ def check_tree(paths: list[str]) -> None:
                 raise BadFile(f"{prefix!r} is a file and also the directory of {path!r}")
 
 
+def check_pattern(pattern: str) -> str:
+    """Return ``pattern`` if it names files inside a working directory (a relative path
+    whose parts may be globs, ``**`` for any depth); else raise BadFile."""
+    if not isinstance(pattern, str) or not pattern:
+        raise BadFile("an output pattern is empty")
+    parts = pattern.split("/")
+    if "\x00" in pattern or pattern.startswith("/") or ".." in parts:
+        raise BadFile(f"{pattern[:60]!r}: outputs are relative paths inside the working "
+                      "directory, with no '..'")
+    if any(p in ("", ".") for p in parts) or len(pattern.encode(errors="replace")) > 1024:
+        raise BadFile(f"{pattern[:60]!r}: not a normalised relative path")
+    return pattern
+
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Files to collect from the working directory when the function ends, however it
+    ends; each capped, and all of them together, in bytes and in number."""
+
+    patterns: tuple[str, ...]
+    max_file: int = 8 * MiB
+    max_total: int = 32 * MiB
+    max_count: int = 64
+
+
+@dataclass
+class OutputFile:
+    """A file collected: ``size`` bytes of it were kept (fewer than it had when
+    ``truncated``). ``data`` only when the run was given no place to write it."""
+
+    path: str
+    size: int = 0
+    sha256: str = ""
+    truncated: bool = False
+    data: bytes | None = None
+
+
 @dataclass
 class Job:
     """One function to run in a leased container."""
@@ -118,6 +156,7 @@ class Job:
     # starts): CPU seconds (then SIGKILL) and bytes of address space. None: the profile's.
     cpu_limit: int | None = None
     memory_limit: int | None = None
+    outputs: Outputs | None = None
 
 
 @dataclass(frozen=True)
@@ -151,3 +190,8 @@ class Result:
     forked: bool = False
     cpu_ms: float | None = None
     max_rss: int | None = None
+    # The output files collected, in path order; whether some that matched were left out
+    # (more than max_count, or past max_total).
+    files: list[OutputFile] = field(default_factory=list)
+    files_truncated: bool = False
+    files_error: str | None = None
