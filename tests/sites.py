@@ -26,6 +26,8 @@ class Site(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Request)
         self.routes = dict(routes)
         self.requests: Counter[str] = Counter()
+        # What POSTs brought, in order: (path, headers, body).
+        self.posted: list[tuple[str, dict[str, str], bytes]] = []
         self.stop = threading.Event()  # set at close: a route that dawdles waits on it
         self.disconnected = threading.Event()  # a client hung up before its answer ended
         self._thread = threading.Thread(target=self.serve_forever,
@@ -51,6 +53,12 @@ class Request(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+    def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        self.server.posted.append((self.path, dict(self.headers.items()), body))
+        self.do_GET()
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
         self.server.requests[self.path] += 1
@@ -125,4 +133,23 @@ def redirect(location: str) -> Route:
         request.send_header("Location", location)
         request.send_header("Content-Length", "0")
         request.end_headers()
+    return route
+
+
+def status(code: int) -> Route:
+    """An empty answer with ``code``."""
+    def route(request: Request) -> None:
+        request.send_response(code)
+        request.send_header("Content-Length", "0")
+        request.end_headers()
+    return route
+
+
+def sequence(*routes: Route) -> Route:
+    """Each request answered by the next of ``routes``; the last answers the rest."""
+    count = [0]
+
+    def route(request: Request) -> None:
+        count[0] += 1
+        routes[min(count[0], len(routes)) - 1](request)
     return route

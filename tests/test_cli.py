@@ -169,3 +169,43 @@ async def test_client_catches_up_after_missing_output(start_server, python_confi
             {"image": images.python, "command": ["python3", "-c", code]}, stdout=slow_at_first)
     assert end["status"] == "succeeded"
     assert "".join(out) == expected
+
+
+async def test_run_copies_output_files_here(start_server, python_config, images, tmp_path):
+    client = await start_server(python_config())
+    script = ("mkdir -p out && printf '1,2\\n' > out/a.csv && printf '3\\n' > out/b.csv && "
+              "printf 'png' > chart.png && printf 'no' > skipped.txt")
+    result = await ufaas_cli(client, "run", "-o", "chart.png", "-o", "out/*.csv",
+                             images.busybox, "--", "sh", "-c", script, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "chart.png").read_bytes() == b"png"
+    assert (tmp_path / "out" / "a.csv").read_bytes() == b"1,2\n"
+    assert (tmp_path / "out" / "b.csv").read_bytes() == b"3\n"
+    assert not (tmp_path / "skipped.txt").exists()
+    # Cut files are said to be so.
+    result = await ufaas_cli(client, "run", "-o", "big.bin", images.python, "--", "sh", "-c",
+                             f"head -c {(8 << 20) + 1} /dev/zero > big.bin", cwd=tmp_path)
+    assert result.returncode == 0 and b"cut" in result.stderr, result.stderr
+    assert (tmp_path / "big.bin").stat().st_size == 8 << 20
+
+
+async def test_clients_save_output_files(start_server, python_config, images, tmp_path):
+    client = await start_server(python_config())
+    url = str(client.base_url).rstrip("/")
+    spec = {"image": images.python, "command": "mkdir d && echo hi > d/x.txt",
+            "outputs": ["d/x.txt"]}
+    async with Client(url) as ours:
+        record = await ours.create(spec, wait=60)
+        written = await ours.save_files(record["id"], tmp_path / "async")
+    assert written == [str(tmp_path / "async" / "d" / "x.txt")]
+    assert (tmp_path / "async" / "d" / "x.txt").read_bytes() == b"hi\n"
+    def blocking():  # in a thread: the server shares this test's event loop
+        with SyncClient(url) as sync:
+            assert sync.save_files(record["id"], tmp_path / "sync") == [
+                str(tmp_path / "sync" / "d" / "x.txt")]
+            # A listed path that would leave the directory is refused, not written.
+            with pytest.raises(ClientError, match="outside"):
+                sync.save_files(record["id"], tmp_path, [{"path": "../evil"}])
+
+    await trio.to_thread.run_sync(blocking)
+    assert (tmp_path / "sync" / "d" / "x.txt").read_bytes() == b"hi\n"

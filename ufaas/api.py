@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import math
+import mimetypes
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -26,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 from pool import Profile
 
 from .config import Config
+from .files import Gone
 from .piston import PISTON_PREFIX, piston_api
 from .scheduler import Conflict, NotFound, QueueFull, Scheduler
 from .spec import BadJSON, SpecError
@@ -206,6 +208,10 @@ def create_app(scheduler: Scheduler, config: Config,
     async def conflict(exc: Conflict) -> Response:
         return error(409, str(exc))
 
+    @app.errorhandler(Gone)
+    async def gone(exc: Gone) -> Response:
+        return error(410, str(exc))
+
     @app.errorhandler(QueueFull)
     async def queue_full(exc: QueueFull) -> Response:
         return error(429, f"queue full: {exc}", headers={"Retry-After": "1"})
@@ -284,6 +290,38 @@ def create_app(scheduler: Scheduler, config: Config,
         head = json.dumps(shown)[:-1].encode()
         return Response(head + b', "spec": ' + scheduler.full_spec(fid) + b"}",
                         content_type=JSON_TYPE)
+
+    def kept_files(fid: str) -> list[dict[str, Any]]:
+        record = scheduler.get(fid)
+        if not record.spec.get("outputs"):
+            raise NotFound(f"function {fid} asked for no output files")
+        if not record.finished:
+            raise Conflict(f"function {fid} is {record.status}: its output files are "
+                           "collected when it ends")
+        return record.files or []  # none when it never ran
+
+    @app.get("/fn/<fid>/files")
+    async def function_files(fid: str) -> Response:
+        length, stream = await scheduler.files_store.tar(fid, kept_files(fid))
+        return Response(stream, content_type="application/x-tar", headers={
+            "Content-Length": str(length),
+            "Content-Disposition": f'attachment; filename="{fid}.tar"'})
+
+    @app.get("/fn/<fid>/files/<path:path>")
+    async def function_file(fid: str, path: str) -> Response:
+        files = kept_files(fid)
+        index = next((i for i, f in enumerate(files) if f["path"] == path), None)
+        if index is None:
+            raise NotFound(f"function {fid} has no output file {path[:200]!r}")
+        kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        stored = scheduler.files_store.path(fid, index)
+        # Whatever a function wrote is shown as its own sandboxed origin: an HTML file can
+        # never reach this server's pages or their token.
+        return Response(scheduler.files_store.read(stored, files[index]["size"]),
+                        content_type=kind, headers={
+                            "Content-Length": str(files[index]["size"]),
+                            "Content-Security-Policy": "sandbox",
+                            "X-Content-Type-Options": "nosniff"})
 
     @app.post("/fn/<fid>")
     async def follow_function(fid: str) -> Response:

@@ -104,6 +104,10 @@ def client_parser() -> argparse.ArgumentParser:
     run.add_argument("--after", metavar="ID", help="run in the container and working "
                      "directory of function ID")
     run.add_argument("--network", action="store_true", help="give the function a network")
+    run.add_argument("-o", "--output", action="append", default=[], metavar="PATH",
+                     help="once it ends, copy PATH (relative to its working directory; a "
+                     "glob such as 'out/*.csv' too) here, to the same relative path "
+                     "(repeatable)")
     run.add_argument("argv", nargs="*", metavar="COMMAND", help=argparse.SUPPRESS)
     ls = sub.add_parser("ls", parents=[common], help="list functions")
     ls.add_argument("--status", help="all, or one status (default: the active ones)")
@@ -159,6 +163,8 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         spec["timeout"] = args.timeout
     if args.network:
         spec["network"] = True
+    if args.output:
+        spec["outputs"] = args.output
     return spec
 
 
@@ -191,19 +197,26 @@ async def run_command(args: argparse.Namespace, spec: dict[str, Any]) -> int:
     stdin = None if sys.stdin is None or sys.stdin.isatty() else _read_stdin()
     end: dict[str, Any] | None = None
     failure: ClientError | None = None
-    async with Client(args.url) as client, trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_on_interrupt, client, created, nursery.cancel_scope)
-        try:
-            end = await client.run(spec, after=args.after, stdin=stdin,
-                                   created=created.append, stdout=_writer(sys.stdout.buffer),
-                                   stderr=_writer(sys.stderr.buffer))
-        except ClientError as exc:  # raised outside the nursery, not in an exception group
-            failure = exc
-        nursery.cancel_scope.cancel()
+    async with Client(args.url) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_interrupt, client, created, nursery.cancel_scope)
+            try:
+                end = await client.run(spec, after=args.after, stdin=stdin,
+                                       created=created.append,
+                                       stdout=_writer(sys.stdout.buffer),
+                                       stderr=_writer(sys.stderr.buffer))
+            except ClientError as exc:  # raised outside the nursery, not in a group
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if end is not None and end.get("files"):  # -o: the output files, here
+            await client.save_files(end["id"], ".", end["files"])
     if failure is not None:
         raise failure
     if end is None:  # interrupted before the server had it, or twice
         return EXIT_CANCELLED
+    if end.get("files_truncated") or any(f["truncated"] for f in end.get("files") or ()):
+        print(f"ufaas run: some output files were cut or left out (see ufaas show "
+              f"{end['id']})", file=sys.stderr)
     status = end["status"]
     if status in ("succeeded", "failed"):
         if end.get("signal"):

@@ -208,6 +208,31 @@ class Client(_Calls):
             raise self._unreachable(exc) from exc
         return self._answer(response)
 
+    async def save_files(self, fid: str, directory: str | os.PathLike[str] = ".",
+                         files: list[dict[str, Any]] | None = None) -> list[str]:
+        """Write the output files of finished function ``fid`` below ``directory`` (at
+        their paths; ``files``: only those, as an exit event lists them): their paths."""
+        if files is None:
+            files = (await self.get(fid)).get("files") or []
+        written = []
+        for url, target in _downloads(fid, files, directory):
+            if self._http is None:
+                self._http = httpx.AsyncClient(**self._options())
+            try:
+                async with self._http.stream("GET", url) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        self._answer(response)
+                    await trio.to_thread.run_sync(partial(os.makedirs, os.path.dirname(target),
+                                                          exist_ok=True))
+                    async with await trio.open_file(target, "wb") as out:
+                        async for chunk in response.aiter_bytes():
+                            await out.write(chunk)
+            except httpx.HTTPError as exc:
+                raise self._unreachable(exc) from exc
+            written.append(target)
+        return written
+
     async def aclose(self) -> None:
         if self._http is not None:
             http, self._http = self._http, None
@@ -305,6 +330,22 @@ async def _follow(stream: Stream, fid: str, outputs: dict[str, Output | None]) -
     raise ClientError(0, "the server closed the connection before the function ended")
 
 
+def _downloads(fid: str, files: list[dict[str, Any]],
+               directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """For each output file listed (a record's or an exit event's ``files``): its URL
+    path and where it goes below ``directory``, which no listed path may leave."""
+    root = os.path.realpath(directory)
+    planned = []
+    for f in files:
+        path = str(f["path"])
+        target = os.path.realpath(os.path.join(root, path))
+        if os.path.isabs(path) or ".." in path.split("/") or \
+                os.path.commonpath([root, target]) != root:
+            raise ClientError(0, f"output file {path!r} would land outside {root}")
+        planned.append((f"/fn/{quote(fid, safe='')}/files/{quote(path)}", target))
+    return planned
+
+
 def _rejection(body: bytes | None) -> str:
     try:
         return str(json.loads(body or b"")["error"])
@@ -326,6 +367,29 @@ class SyncClient(_Calls):
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
         return self._answer(response)
+
+    def save_files(self, fid: str, directory: str | os.PathLike[str] = ".",
+                   files: list[dict[str, Any]] | None = None) -> list[str]:
+        """As :meth:`Client.save_files`, blocking."""
+        if files is None:
+            files = self.get(fid).get("files") or []
+        written = []
+        for url, target in _downloads(fid, files, directory):
+            if self._http is None:
+                self._http = httpx.Client(**self._options())
+            try:
+                with self._http.stream("GET", url) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        self._answer(response)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with open(target, "wb") as out:
+                        for chunk in response.iter_bytes():
+                            out.write(chunk)
+            except httpx.HTTPError as exc:
+                raise self._unreachable(exc) from exc
+            written.append(target)
+        return written
 
     def close(self) -> None:
         if self._http is not None:

@@ -172,6 +172,24 @@ class Config(BaseModel):
                                    "although the address policy refuses them")
     fetch_proxy: str | None = Field(None, description="an HTTP proxy for downloads (proxy "
                                     "variables of the environment are never used)")
+    # Output files (a spec's "outputs"): caps per function, and on all that is kept.
+    output_max_file: int = Field(8 * MiB, ge=0, description="bytes kept of one output file")
+    output_max_total: int = Field(32 * MiB, ge=0, description="bytes of output files kept "
+                                  "per function")
+    output_max_count: int = Field(64, ge=0, description="output files kept per function")
+    files_dir: str | None = Field(None, description="where output files are kept (default: "
+                                  "beside the database, in files/)")
+    files_max_bytes: int = Field(1024 * MiB, ge=0, description="bytes of output files kept "
+                                 "in all; past it new ones are cut")
+    files_retention: float = Field(7 * 86400.0, gt=0, description="seconds output files are "
+                                   "kept (their records stay)")
+    # Callbacks (a spec's "callback").
+    callback_secret: str | None = Field(None, description="key of the HMAC-SHA256 signature "
+                                        "of each callback's body (none without it)")
+    callback_timeout: float = Field(10.0, gt=0, description="seconds one attempt may take")
+    callback_attempts: int = Field(8, ge=1, description="attempts before a callback fails")
+    callback_backoff: float = Field(1.0, gt=0, description="seconds before the first retry; "
+                                    "each next one waits twice as long (at most an hour)")
     # The HTTP server's own deadlines on its clients.
     header_timeout: float = Field(10.0, gt=0, description="seconds a client may take to "
                                   "send a request's head, and may stay idle between two")
@@ -238,6 +256,14 @@ class Config(BaseModel):
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"invalid configuration: {problems}") from exc
+
+    def files_root(self) -> str | None:
+        """Where output files are kept; None (a temporary place) with an in-memory db."""
+        if self.files_dir is not None:
+            return self.files_dir
+        if self.db == ":memory:":
+            return None
+        return os.path.join(os.path.dirname(os.path.abspath(self.db)), "files")
 
     def is_loopback(self) -> bool:
         return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")

@@ -190,6 +190,16 @@ class _Transport(httpx.AsyncBaseTransport):
         await self._pool.aclose()
 
 
+def policy_client(policy: AddressPolicy, proxy: str | None) -> httpx.AsyncClient:
+    """An httpx client that connects only where ``policy`` allows, through ``proxy`` if
+    given (never the environment's), follows no redirect and has no deadline of its own
+    (each caller sets one)."""
+    return httpx.AsyncClient(
+        transport=_Transport(policy, proxy), trust_env=False,
+        headers={"User-Agent": f"ufaas/{__version__}", "Accept-Encoding": "identity"},
+        timeout=httpx.Timeout(None), follow_redirects=False)
+
+
 class _Body(httpx.AsyncByteStream):
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -268,10 +278,7 @@ class Downloader:
         # One client and its connections for every download (its TLS context alone costs
         # milliseconds to build); redirects are followed by hand, each hop checked.
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                transport=_Transport(self.policy, self._proxy), trust_env=False,
-                headers={"User-Agent": f"ufaas/{__version__}", "Accept-Encoding": "identity"},
-                timeout=httpx.Timeout(None), follow_redirects=False)
+            self._client = policy_client(self.policy, self._proxy)
         return self._client
 
     def statistics(self) -> DownloaderStatistics:

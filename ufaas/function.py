@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pool import Job, Lease, PoolError, Result
+from pool import Job, Lease, Outputs, PoolError, Result
 
 from .fetch import FetchError
 from .live import Event, Hub, StdinPipe, Transcript
@@ -92,12 +92,13 @@ class Function:
         return [{"event": "status", "id": self.id, "status": status},
                 *self.transcript.events(self.id)]
 
-    def change(self, spec: Spec | None, summary: dict[str, Any], spec_json: bytes, *,
-               moved: bool) -> None:
-        """A PUT: the new spec of this pending function (None: read back when it starts),
-        saved; ``moved`` when it now belongs to another pool, where it queues again."""
+    def change(self, spec: Spec | None, summary: dict[str, Any], spec_json: bytes,
+               callback: str | None, *, moved: bool) -> None:
+        """A PUT: the new spec of this pending function (None: read back when it starts)
+        and its callback target, saved; ``moved`` when it now belongs to another pool, where
+        it queues again."""
         self.record.spec = summary
-        self._store.replace_spec(self.record, spec_json)
+        self._store.replace_spec(self.record, spec_json, callback)
         self.spec = spec
         self.changed.set()
         if moved and self.requeue is not None:
@@ -180,15 +181,36 @@ class Function:
             self._store.save(record)
             self._hub.publish({"event": "status", "id": self.id, "status": "running"})
         self.started.set()
+        config = scheduler.config
+        outputs, writer = None, None
+        if spec.outputs:  # room on disk is granted first: the budget cuts, never overflows
+            granted = scheduler.files_store.grant(config.output_max_total)
+            outputs = Outputs(tuple(spec.outputs), max_file=config.output_max_file,
+                              max_total=granted, max_count=config.output_max_count)
+            writer = scheduler.files_store.writer(self.id, granted)
         job = Job(spec.argv(), files=files, env=dict(spec.env),
                   stdin=spec.stdin.encode() if spec.stdin is not None else None,
-                  timeout=spec.timeout, output_cap=scheduler.config.output_cap, id=self.id,
+                  timeout=spec.timeout, output_cap=config.output_cap, id=self.id,
                   fresh=spec.fresh_interpreter, cpu_limit=spec.cpu_limit,
-                  memory_limit=spec.memory_limit)
+                  memory_limit=spec.memory_limit, outputs=outputs)
         try:
-            result = await lease.run(job, self._output, self.stdin)
+            result = await lease.run(job, self._output, self.stdin,
+                                     writer.on_file if writer is not None else None)
         finally:
             lease.discard = self.discard
+            if writer is not None:
+                await writer.close()
+        if outputs is not None:
+            cut = result.files_truncated or any(f.truncated for f in result.files)
+            if cut and outputs.max_total < config.output_max_total and \
+                    sum(f.size for f in result.files) >= outputs.max_total:
+                scheduler.files_store.cut += 1
+                result.files_error = result.files_error or (
+                    "the server's room for output files (files_max_bytes) is nearly used")
+            self.record.files = [{"path": f.path, "size": f.size, "sha256": f.sha256,
+                                  "truncated": f.truncated} for f in result.files]
+            self.record.files_truncated = result.files_truncated
+            self.record.files_error = result.files_error
         self._record_result(result)
 
     def _output(self, fd: int, data: bytes) -> None:
@@ -224,5 +246,8 @@ class Function:
 
 
 def exit_event(record: Record) -> dict[str, Any]:
-    return {"event": "exit", "id": record.id, "status": record.status,
-            "exit_code": record.exit_code, "signal": record.signal, "error": record.error}
+    event: dict[str, Any] = {"event": "exit", "id": record.id, "status": record.status,
+             "exit_code": record.exit_code, "signal": record.signal, "error": record.error}
+    if record.files is not None:
+        event["files"], event["files_truncated"] = record.files, record.files_truncated
+    return event

@@ -4,6 +4,7 @@ container: a warm one of its pool, or the one of the function it follows. No HTT
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -13,8 +14,10 @@ import trio
 
 from pool import File, Lease, Place, Pool, PoolError, Pools, Profile
 
+from .callbacks import Callbacks, pending
 from .config import Config
 from .fetch import Downloader, FetchError
+from .files import FileStore
 from .function import Function, exit_event
 from .live import Event, Hub, StdinClosed, Watcher, output_events
 from .parser import Parsed, Parser
@@ -48,8 +51,10 @@ class Scheduler:
     """
 
     def __init__(self, config: Config, store: Store, pools: Pools, downloader: Downloader,
-                 hub: Hub, parser: Parser) -> None:
+                 hub: Hub, parser: Parser, files: FileStore, callbacks: Callbacks) -> None:
         self.config = config
+        self.files_store = files
+        self.callbacks = callbacks
         self.parser = parser
         self.limits = config.limits()
         self.store = store
@@ -113,11 +118,12 @@ class Scheduler:
         lease = self._claim(spec, predecessor) if after is None or predecessor else None
         if lease is None and self._pending >= self.config.queue_limit:
             raise QueueFull(f"{self._pending} functions are pending")
-        record = Record(id=str(uuid.uuid4()), spec=spec.summary(), after=after)
+        record = Record(id=str(uuid.uuid4()), spec=spec.summary(), after=after,
+                        callback=pending() if spec.callback is not None else None)
         if lease is not None:
             # A warm container was free: the function is accepted as running, in one write.
             Function.started_in(record, lease)
-        self.store.insert(record, parsed.json)
+        self.store.insert(record, parsed.json, _target(spec))
         # A function that waits keeps its spec in memory only within pending_bytes; the
         # rest wait with theirs on disk, read back when they start.
         pinned = lease is None and self._pin(spec)
@@ -144,8 +150,9 @@ class Scheduler:
         moved = (spec.image, spec.network) != (old.get("image"), old.get("network"))
         self._unpin(function)
         function.pinned = self._pin(spec)
+        function.record.callback = pending() if spec.callback is not None else None
         function.change(spec if function.pinned else None, spec.summary(), parsed.json,
-                        moved=moved)
+                        _target(spec), moved=moved)
         return function.record
 
     def get(self, fid: str) -> Record:
@@ -202,6 +209,7 @@ class Scheduler:
             self.pools.discard(record.container)
         if purge and record.finished:
             self.store.delete(fid)
+            await self.files_store.remove(fid)
         return record
 
     def is_active(self, fid: str) -> bool:
@@ -347,6 +355,8 @@ class Scheduler:
             await function.run(self)
         finally:
             del self._functions[function.id]
+            if function.record.callback is not None:
+                self.callbacks.wake()
 
     def _dequeued(self, function: Function) -> None:
         self._pending -= 1
@@ -376,6 +386,13 @@ class Scheduler:
                            "image and network")
         if not predecessor.container or not self.pools.alive(predecessor.container):
             raise Conflict(f"the container of function {fid} is gone")
+
+
+def _target(spec: Spec) -> str | None:
+    """Where a spec's callback goes, as the store keeps it (JSON), or None."""
+    if spec.callback is None:
+        return None
+    return json.dumps({"url": spec.callback.url, "headers": spec.callback.headers})
 
 
 def _with_image(spec: Spec | None) -> Spec:

@@ -22,8 +22,10 @@ from quart_trio import QuartTrio
 from pool import Engine, Pools
 
 from .api import create_app
+from .callbacks import Callbacks
 from .config import Config
 from .fetch import Downloader
+from .files import FileStore
 from .live import Hub
 from .parser import Parser
 from .scheduler import Scheduler
@@ -69,6 +71,8 @@ class Service:
     engine: Engine
     pools: Pools
     downloader: Downloader
+    files: FileStore
+    callbacks: Callbacks
     scheduler: Scheduler
     app: QuartTrio
 
@@ -85,9 +89,16 @@ class Service:
         downloader = Downloader(max_bytes=config.download_max_bytes,
                                 timeout=config.download_timeout, allow=config.fetch_allow,
                                 proxy=config.fetch_proxy)
+        files = FileStore(config.files_root(), max_bytes=config.files_max_bytes,
+                          retention=config.files_retention)
+        callbacks = Callbacks(store, secret=config.callback_secret,
+                              timeout=config.callback_timeout,
+                              attempts=config.callback_attempts, backoff=config.callback_backoff,
+                              allow=config.fetch_allow, proxy=config.fetch_proxy)
         scheduler = Scheduler(config, store, pools, downloader,
-                              Hub(max_bytes=config.stream_buffer), Parser(config))
-        return cls(store, engine, pools, downloader, scheduler,
+                              Hub(max_bytes=config.stream_buffer), Parser(config), files,
+                              callbacks)
+        return cls(store, engine, pools, downloader, files, callbacks, scheduler,
                    create_app(scheduler, config, healthy=engine.ping))
 
 
@@ -106,18 +117,19 @@ async def serve(
     return_big_buffers()
     service = Service.build(config, instance=instance, labels=labels)
     try:
-        await _serve_http(config, service.pools, service.scheduler, service.app,
-                          shutdown_trigger, task_status)
+        await _serve_http(config, service, shutdown_trigger, task_status)
     finally:
         service.store.close()
+        service.files.close()
         with trio.CancelScope(shield=True), trio.move_on_after(ENGINE_CLOSE):
             await service.downloader.aclose()
             await service.engine.aclose()
 
 
-async def _serve_http(config: Config, pools: Pools, scheduler: Scheduler, app: object,
+async def _serve_http(config: Config, service: Service,
                       shutdown_trigger: Callable[[], Awaitable[None]] | None,
                       task_status: trio.TaskStatus[str]) -> None:
+    scheduler, app = service.scheduler, service.app
     hconfig = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hconfig.bind = [f"{host}:{config.port}"]
@@ -130,13 +142,17 @@ async def _serve_http(config: Config, pools: Pools, scheduler: Scheduler, app: o
 
     # Nested by lifetime: functions end (and are recorded) before their pools go.
     async with trio.open_nursery() as outer:
-        await outer.start(pools.serve)
+        await outer.start(service.pools.serve)
         await outer.start(scheduler.parser.serve)
+        await service.files.open()
+        outer.start_soon(service.files.sweep_forever)
+        # Callbacks go on while functions drain, and stop with the pools.
+        await outer.start(service.callbacks.serve)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(scheduler.serve)
                 binds = await nursery.start(partial(
-                    hypercorn_serve, app, hconfig,  # type: ignore[arg-type]
+                    hypercorn_serve, app, hconfig,
                     shutdown_trigger=stop_http.wait, mode="asgi"))
                 url = binds[0].replace("0.0.0.0", "127.0.0.1") if binds else ""
                 log.info("ufaas ready at %s", url)

@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from pool import BadFile, File, check_path, check_tree
+from pool import BadFile, File, check_path, check_pattern, check_tree
 
 from .fetch import url_problem
 
@@ -42,6 +42,14 @@ MiB = 1 << 20
 MAX_IMAGE_CHARS = 256
 MAX_URL_CHARS = 2048
 MAX_ENV_ENTRIES = 256
+MAX_OUTPUTS = 64
+MAX_CALLBACK_HEADERS = 32
+MAX_CALLBACK_HEADER_BYTES = 8192
+# Headers a callback's sender sets itself (or HTTP itself does): a spec cannot give them.
+_OWN_HEADERS = frozenset({"host", "content-length", "content-type", "transfer-encoding",
+                          "connection", "keep-alive", "te", "trailer", "upgrade",
+                          "expect", "proxy-authorization", "user-agent"})
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
 # A refusal lists at most this many problems, then says how many more there were.
 MAX_ERRORS = 20
 
@@ -217,6 +225,43 @@ def _check_path(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+def _check_url(value: str, info: ValidationInfo) -> str:
+    """An http(s) URL the address policy does not refuse on sight (it checks again at
+    each connection)."""
+    _no_nul(value)
+    if len(value) > MAX_URL_CHARS:
+        raise ValueError(f"longer than {MAX_URL_CHARS} characters")
+    if any(c.isspace() or ord(c) < 0x20 for c in value):
+        raise ValueError(f"{value!r}: contains whitespace or control characters")
+    problem = url_problem(value) or _limits(info).url_refusal(value)
+    if problem is not None:
+        raise ValueError(f"{value!r}: {problem}")
+    return value
+
+
+def _check_output(value: str) -> str:
+    _utf8(value)
+    try:
+        return check_pattern(value)
+    except BadFile as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _check_headers(value: dict[str, str]) -> dict[str, str]:
+    size = 0
+    for name, text in value.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name[:60]!r}: not a header name")
+        if name.lower() in _OWN_HEADERS or name.lower().startswith("x-ufaas-"):
+            raise ValueError(f"{name}: set by ufaas itself")
+        if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7f for c in text):
+            raise ValueError(f"{name}: a header value holds control characters")
+        size += len(name) + len(text.encode("utf-8", "replace"))
+    if size > MAX_CALLBACK_HEADER_BYTES:
+        raise ValueError(f"{size} bytes of headers: at most {MAX_CALLBACK_HEADER_BYTES}")
+    return value
+
+
 def _decode_base64(value: object, info: ValidationInfo) -> object:
     """The decoded bytes of a base64 string: decoded once, here, and kept only as bytes."""
     if value is None or not isinstance(value, str):
@@ -279,17 +324,7 @@ class Resource(BaseModel):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        _no_nul(value)
-        if len(value) > MAX_URL_CHARS:
-            raise ValueError(f"longer than {MAX_URL_CHARS} characters")
-        if any(c.isspace() or ord(c) < 0x20 for c in value):
-            raise ValueError(f"{value!r}: contains whitespace or control characters")
-        problem = url_problem(value) or _limits(info).url_refusal(value)
-        if problem is not None:
-            raise ValueError(f"{value!r}: {problem}")
-        return value
+        return None if value is None else _check_url(value, info)
 
     @field_validator("sha256")
     @classmethod
@@ -360,6 +395,22 @@ def _check_resource_set(value: list[Resource], info: ValidationInfo) -> list[Res
 Resources = Annotated[
     list[Resource], BeforeValidator(_check_resources), AfterValidator(_check_resource_set)
 ]
+Output = Annotated[StrictStr, AfterValidator(_check_output)]
+
+
+class Callback(BaseModel):
+    """Where the final record is POSTed when the function ends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: StrictStr
+    headers: Annotated[dict[StrictStr, StrictStr], Field(max_length=MAX_CALLBACK_HEADERS),
+                       AfterValidator(_check_headers)] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        return _check_url(value, info)
 
 
 class Spec(BaseModel):
@@ -381,6 +432,11 @@ class Spec(BaseModel):
     # address space. The container's profile binds whatever these allow.
     cpu_limit: int | None = Field(None, ge=1, le=86400, strict=True)
     memory_limit: int | None = Field(None, ge=MiB, le=1 << 50, strict=True)
+    # Files to hand back once it ends (paths or globs in its working directory), and where
+    # to POST its record then.
+    outputs: Annotated[list[Output], Field(max_length=MAX_OUTPUTS)] = Field(
+        default_factory=list)
+    callback: Callback | None = None
 
     def argv(self) -> list[str]:
         """The command as an argument vector; a string command runs under ``/bin/sh -c``."""
@@ -411,6 +467,11 @@ class Spec(BaseModel):
             "cpu_limit": self.cpu_limit, "memory_limit": self.memory_limit,
             "resources": [r.describe() for r in self.resources],
         }
+        if self.outputs:
+            summary["outputs"] = list(self.outputs)
+        if self.callback is not None:  # header values may be secrets: only their names
+            summary["callback"] = {"url": self.callback.url,
+                                   "headers": sorted(self.callback.headers)}
         if self.stdin is not None:
             data = self.stdin.encode("utf-8")
             summary["stdin"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -470,6 +531,13 @@ def check_shape(data: object, limits: Limits) -> None:
                             problem(f"resources.{i}", _MESSAGES["string_unicode"])
     if isinstance(env, dict) and len(env) > MAX_ENV_ENTRIES:
         problem("env", f"{len(env)} variables: at most {MAX_ENV_ENTRIES} are allowed")
+    outputs, callback = data.get("outputs"), data.get("callback")
+    if isinstance(outputs, list) and len(outputs) > MAX_OUTPUTS:
+        problem("outputs", f"{len(outputs)} outputs: at most {MAX_OUTPUTS} are allowed")
+    headers = callback.get("headers") if isinstance(callback, dict) else None
+    if isinstance(headers, dict) and len(headers) > MAX_CALLBACK_HEADERS:
+        problem("callback.headers", f"{len(headers)} headers: at most "
+                f"{MAX_CALLBACK_HEADERS} are allowed")
     if isinstance(command, list) and len(command) > MAX_ARGS:
         problem("command", f"{len(command)} arguments: at most {MAX_ARGS} are allowed")
     if errors:

@@ -36,6 +36,13 @@ CREATE TABLE IF NOT EXISTS specs (
     seq INTEGER PRIMARY KEY,
     spec BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS callbacks (
+    seq INTEGER PRIMARY KEY,
+    target TEXT NOT NULL,
+    due REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS callbacks_due ON callbacks (due);
 """
 _SCHEMA_VERSION = 2
 # Version 0 kept the spec in a column of functions: the tables of version 1 take its rows.
@@ -89,6 +96,13 @@ class Record:
     cpu_ms: float | None = None
     max_rss: int | None = None
     error: str | None = None
+    # The output files kept ({path, size, sha256, truncated}; None when none were asked
+    # for), whether some were left out, and why collecting them failed.
+    files: list[dict[str, Any]] | None = None
+    files_truncated: bool = False
+    files_error: str | None = None
+    # The callback's delivery: {status: pending | delivered | failed, attempts, last_error}.
+    callback: dict[str, Any] | None = None
     seq: int | None = None
 
     @property
@@ -97,7 +111,7 @@ class Record:
 
     def public(self, *, output: bool = True) -> dict[str, Any]:
         """The record as the API shows it; listings leave the output out."""
-        shown = {
+        shown: dict[str, Any] = {
             "id": self.id,
             "status": self.status,
             "spec": self.spec,
@@ -117,6 +131,12 @@ class Record:
             "max_rss": self.max_rss,
             "error": self.error,
         }
+        if self.files is not None:
+            shown["files"], shown["files_truncated"] = self.files, self.files_truncated
+            if self.files_error is not None:
+                shown["files_error"] = self.files_error
+        if self.callback is not None:
+            shown["callback"] = self.callback
         if output:
             shown["stdout"], shown["stderr"] = self.stdout, self.stderr
         return shown
@@ -186,29 +206,79 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def insert(self, record: Record, spec: bytes | str) -> Record:
-        """Add a new record with its spec as sent (JSON)."""
+    def insert(self, record: Record, spec: bytes | str, callback: str | None = None
+               ) -> Record:
+        """Add a new record with its spec as sent (JSON), and its callback's target (JSON:
+        url and headers), due once the function ends."""
         with self._transaction():
             cur = self._db.execute(
                 "INSERT INTO functions (id, status, record) VALUES (?, ?, ?)",
                 (record.id, record.status, _dump(record)))
             self._db.execute("INSERT INTO specs (seq, spec) VALUES (?, ?)",
                              (cur.lastrowid, spec))
+            if callback is not None:
+                self._db.execute("INSERT INTO callbacks (seq, target) VALUES (?, ?)",
+                                 (cur.lastrowid, callback))
         record.seq = cur.lastrowid
         return record
 
     def save(self, record: Record) -> None:
-        """Write the record back, its output too (empty until it has finished)."""
+        """Write the record back, its output too (empty until it has finished). A finished
+        record with a callback makes the callback due, in the same transaction."""
+        if record.finished and record.callback is not None and \
+                record.callback.get("status") == "pending" and not record.callback["attempts"]:
+            with self._transaction():
+                self._save(record)
+                self._db.execute("UPDATE callbacks SET due = ? WHERE seq = ? AND due IS NULL",
+                                 (time.time(), record.seq))
+        else:
+            self._save(record)
+
+    def _save(self, record: Record) -> None:
         self._db.execute(  # one statement: a transaction of its own
             "UPDATE functions SET status = ?, record = ?, stdout = ?, stderr = ? WHERE seq = ?",
             (record.status, _dump(record), record.stdout, record.stderr, record.seq))
 
-    def replace_spec(self, record: Record, spec: bytes | str) -> None:
-        """A new spec for a pending function, and the record that summarizes it."""
+    def replace_spec(self, record: Record, spec: bytes | str, callback: str | None = None
+                     ) -> None:
+        """A new spec for a pending function, the record that summarizes it, and its new
+        callback target (None: none)."""
         with self._transaction():
             self._db.execute("UPDATE specs SET spec = ? WHERE seq = ?", (spec, record.seq))
             self._db.execute("UPDATE functions SET record = ? WHERE seq = ?",
                              (_dump(record), record.seq))
+            self._db.execute("DELETE FROM callbacks WHERE seq = ?", (record.seq,))
+            if callback is not None:
+                self._db.execute("INSERT INTO callbacks (seq, target) VALUES (?, ?)",
+                                 (record.seq, callback))
+
+    # -- callbacks ----------------------------------------------------------------------------
+
+    def due_callbacks(self, now: float, limit: int) -> tuple[list[tuple[int, str, int]],
+                                                             float | None]:
+        """Callbacks due by ``now`` (seq, target, attempts so far), oldest due first, and
+        when the next one not yet due will be."""
+        rows = self._db.execute(
+            "SELECT seq, target, attempts FROM callbacks WHERE due <= ? ORDER BY due LIMIT ?",
+            (now, limit)).fetchall()
+        after = self._db.execute("SELECT MIN(due) FROM callbacks WHERE due > ?",
+                                 (now,)).fetchone()[0]
+        return rows, after
+
+    def by_seq(self, seq: int) -> Record | None:
+        row = self._db.execute(f"{_SELECT} WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else _load(row)
+
+    def callback_attempted(self, record: Record, due: float | None) -> None:
+        """Save the record with its callback's outcome: due again at ``due``, or done
+        (delivered or failed) when None."""
+        with self._transaction():
+            self._save(record)
+            if due is None:
+                self._db.execute("DELETE FROM callbacks WHERE seq = ?", (record.seq,))
+            else:
+                self._db.execute("UPDATE callbacks SET due = ?, attempts = attempts + 1 "
+                                 "WHERE seq = ?", (due, record.seq))
 
     def get(self, fid: str) -> Record | None:
         row = self._db.execute(f"{_SELECT} WHERE id = ?", (fid,)).fetchone()
@@ -253,7 +323,7 @@ class Store:
         if seq is None:
             return False
         with self._transaction():
-            for table in ("specs", "functions"):
+            for table in ("callbacks", "specs", "functions"):
                 self._db.execute(f"DELETE FROM {table} WHERE seq = ?", (seq,))
         return True
 
@@ -264,7 +334,7 @@ class Store:
             record.status = "error"
             record.error = INTERRUPTED
             record.finished_at = now
-            self.save(record)
+            self.save(record)  # its callback, if any, is due now
         return sorted(self.records(("pending",), limit=-1), key=lambda r: r.seq or 0)
 
 

@@ -1,0 +1,221 @@
+"""The output files functions hand back, kept on disk next to the database.
+
+Each function's files live in a directory of their own named by its id, as ``0``, ``1``, ...
+in the order its record lists them, so no name a function chose ever becomes a path here.
+All of them together stay within ``max_bytes``: a function is granted its share of room
+before its files are collected (and gives back what it did not use), so when the disk
+budget runs out its files are cut and the record says so. Files go after ``retention``
+seconds, or with their record.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import trio
+
+log = logging.getLogger("ufaas")
+
+CHUNK = 256 * 1024
+_UUID_CHARS = frozenset("0123456789abcdef-")
+
+
+class Gone(Exception):
+    """The files were collected but are no longer kept (past retention)."""
+
+
+class FileStore:
+    """Output files under ``root``, within ``max_bytes`` in all, for ``retention`` s."""
+
+    def __init__(self, root: str | Path | None, *, max_bytes: int, retention: float) -> None:
+        self._temporary = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="ufaas-files-") if root is None else root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.retention = retention
+        self.used = 0  # bytes on disk
+        self.granted = 0  # bytes promised to collections under way, not yet written
+        self.cut = 0  # functions whose files the budget cut
+
+    async def open(self) -> None:
+        """Count what an earlier run left (and drop what is past retention)."""
+        self.used, _ = await trio.to_thread.run_sync(self._sweep_sync, time.time())
+
+    def close(self) -> None:
+        if self._temporary:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"bytes": self.used, "max_bytes": self.max_bytes,
+                "retention": self.retention, "cut_by_budget": self.cut}
+
+    def _dir(self, fid: str) -> Path:
+        if not fid or not set(fid) <= _UUID_CHARS:
+            raise ValueError(f"not a function id: {fid!r}")
+        return self.root / fid
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def grant(self, wanted: int) -> int:
+        """Room for up to ``wanted`` bytes of one function's files (less when the budget is
+        nearly used); give back what is left with :meth:`Writer.close`."""
+        room = max(min(wanted, self.max_bytes - self.used - self.granted), 0)
+        self.granted += room
+        return room
+
+    def writer(self, fid: str, granted: int) -> Writer:
+        return Writer(self, self._dir(fid), granted)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def path(self, fid: str, index: int) -> Path:
+        """The file ``index`` of function ``fid``; raise Gone when it is no longer kept."""
+        path = self._dir(fid) / str(index)
+        if not path.is_file():
+            raise Gone(f"the files of function {fid} are no longer kept (files_retention "
+                       f"is {self.retention:g} s)")
+        return path
+
+    async def read(self, path: Path, size: int) -> AsyncIterator[bytes]:
+        """The first ``size`` bytes of a kept file, in chunks, read off the event loop."""
+        try:
+            handle: BinaryIO = await trio.to_thread.run_sync(open, path, "rb")
+        except OSError:
+            return  # removed meanwhile
+        try:
+            left = size
+            while left > 0:
+                chunk = await trio.to_thread.run_sync(handle.read, min(CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                yield chunk
+        finally:
+            handle.close()
+
+    async def tar(self, fid: str, files: list[dict[str, Any]]) -> tuple[int, AsyncIterator[bytes]]:
+        """A tar of the files of ``fid`` (as its record lists them): its length, and its bytes
+        as a stream; raise Gone first when they are no longer kept."""
+        paths = [self.path(fid, i) for i in range(len(files))]
+        mtime = time.time()
+        heads = []
+        for f in files:
+            info = tarfile.TarInfo(f["path"])
+            info.size, info.mode, info.mtime = f["size"], 0o644, mtime
+            heads.append(info.tobuf(format=tarfile.PAX_FORMAT))
+        length = sum(len(h) + _padded(f["size"]) for h, f in zip(heads, files, strict=True))
+        length += 2 * tarfile.BLOCKSIZE
+
+        async def stream() -> AsyncIterator[bytes]:
+            for head, f, path in zip(heads, files, paths, strict=True):
+                yield head
+                sent = 0
+                async for chunk in self.read(path, f["size"]):
+                    sent += len(chunk)
+                    yield chunk
+                if sent < f["size"]:  # removed meanwhile: the length was promised
+                    yield bytes(f["size"] - sent)
+                yield bytes(_padded(f["size"]) - f["size"])
+            yield bytes(2 * tarfile.BLOCKSIZE)
+
+        return length, stream()
+
+    # -- removing -----------------------------------------------------------------------------
+
+    async def remove(self, fid: str) -> None:
+        """The files of ``fid`` go (its record was purged)."""
+        directory = self._dir(fid)
+        freed = await trio.to_thread.run_sync(_remove_tree, directory)
+        self.used = max(self.used - freed, 0)
+
+    async def sweep_forever(self) -> None:
+        """Remove the files past retention, every tenth of it (at most hourly)."""
+        interval = min(max(self.retention / 10, 1.0), 3600.0)
+        while True:
+            await trio.sleep(interval)
+            _, freed = await trio.to_thread.run_sync(self._sweep_sync, time.time())
+            self.used = max(self.used - freed, 0)
+
+    def _sweep_sync(self, now: float) -> tuple[int, int]:
+        """Remove the directories older than retention: the bytes of those left, and of
+        those removed."""
+        kept = freed = 0
+        for entry in os.scandir(self.root):
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime + self.retention < now:
+                    freed += _remove_tree(Path(entry.path))
+                else:
+                    kept += _tree_size(Path(entry.path))
+            except OSError as exc:
+                log.warning("output files: %s: %s", entry.path, exc)
+        return kept, freed
+
+
+class Writer:
+    """Writes one function's files as the pool collects them (its ``on_file``)."""
+
+    def __init__(self, store: FileStore, directory: Path, granted: int) -> None:
+        self.store = store
+        self.directory = directory
+        self.granted = granted
+        self.written = 0
+        self.count = 0
+        self._handle: BinaryIO | None = None
+        self._path: str | None = None
+
+    async def on_file(self, path: str, chunk: bytes) -> None:
+        if path != self._path:
+            await self._close_file()
+            if self.count == 0:
+                await trio.to_thread.run_sync(self.directory.mkdir)
+            self._handle = await trio.to_thread.run_sync(
+                open, self.directory / str(self.count), "wb")
+            self._path = path
+            self.count += 1
+        if chunk and self._handle is not None:
+            await trio.to_thread.run_sync(self._handle.write, chunk)
+            self.written += len(chunk)
+
+    async def _close_file(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            await trio.to_thread.run_sync(handle.close)
+
+    async def close(self) -> None:
+        """The collection is over: the room it did not use goes back to the budget."""
+        with trio.CancelScope(shield=True):
+            await self._close_file()
+        self.store.granted -= self.granted
+        self.store.used += self.written
+        if self.count:  # the directory's time is when its files were kept
+            os.utime(self.directory)
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _remove_tree(path: Path) -> int:
+    """Remove ``path``; the bytes it held (0 when it was not there)."""
+    size = _tree_size(path)
+    shutil.rmtree(path, ignore_errors=True)
+    return size
