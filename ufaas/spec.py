@@ -217,12 +217,19 @@ def _check_resources(value: object, info: ValidationInfo) -> object:
     return value
 
 
-def _check_path(value: str) -> str:
-    _utf8(value)
-    try:
-        return check_path(value)
-    except BadFile as exc:
-        raise ValueError(str(exc)) from None
+def _pool_check(check: Callable[[str], str]) -> Callable[[str], str]:
+    """One of the pool's path checks, as a validator: UTF-8 first, its BadFile a ValueError."""
+    def validate(value: str) -> str:
+        _utf8(value)
+        try:
+            return check(value)
+        except BadFile as exc:
+            raise ValueError(str(exc)) from None
+    return validate
+
+
+_check_path = _pool_check(check_path)
+_check_output = _pool_check(check_pattern)
 
 
 def _check_url(value: str, info: ValidationInfo) -> str:
@@ -237,14 +244,6 @@ def _check_url(value: str, info: ValidationInfo) -> str:
     if problem is not None:
         raise ValueError(f"{value!r}: {problem}")
     return value
-
-
-def _check_output(value: str) -> str:
-    _utf8(value)
-    try:
-        return check_pattern(value)
-    except BadFile as exc:
-        raise ValueError(str(exc)) from None
 
 
 def _check_headers(value: dict[str, str]) -> dict[str, str]:
