@@ -18,6 +18,7 @@ from command import ThreadedServer
 from test_ws import connect, run, until_exit
 
 from ufaas.config import PoolConfig
+from ufaas.files import FileStore
 
 MAKE = ("mkdir -p out/sub && printf 'a,b\\n1,2\\n' > out/t.csv && printf '3\\n' > out/sub/u.csv "
         "&& printf '\\211PNG' > result.png && printf '<script>x</script>' > page.html && "
@@ -256,3 +257,20 @@ def test_callback_survives_restarts_and_the_policy_is_checked_again(
         assert at_submit.status_code == 422
         assert at_submit.json()["detail"][0]["field"] == "callback.url"
     assert len(received(site, "/refused")) == tried
+
+
+async def test_a_file_that_cannot_be_kept_is_said_so(tmp_path):
+    store = FileStore(tmp_path, max_bytes=1 << 20, retention=60)
+    await store.open()
+    fid = "0f0e0d0c-0000-4000-8000-000000000000"
+    (tmp_path / fid).write_text("a file where the directory goes")
+    writer = store.writer(fid, store.grant(1000))
+    assert store.granted == 1000
+    await writer.on_file("a.txt", b"")
+    await writer.on_file("a.txt", b"data")
+    await writer.close()
+    assert writer.failed is not None and "could not be kept" in writer.failed
+    assert writer.kept(["a.txt"]) == []
+    assert (store.granted, store.used) == (0, 0)
+    with pytest.raises(ValueError):
+        store.writer("../escape", 10)

@@ -170,19 +170,31 @@ class Writer:
         self.count = 0
         self._handle: BinaryIO | None = None
         self._path: str | None = None
+        self.failed: str | None = None
 
     async def on_file(self, path: str, chunk: bytes) -> None:
-        if path != self._path:
-            await self._close_file()
-            if self.count == 0:
-                await trio.to_thread.run_sync(self.directory.mkdir)
-            self._handle = await trio.to_thread.run_sync(
-                open, self.directory / str(self.count), "wb")
-            self._path = path
-            self.count += 1
-        if chunk and self._handle is not None:
-            await trio.to_thread.run_sync(self._handle.write, chunk)
-            self.written += len(chunk)
+        if self.failed is not None:
+            return  # what comes after a failure is not kept
+        try:
+            if path != self._path:
+                await self._close_file()
+                if self.count == 0:
+                    await trio.to_thread.run_sync(self.directory.mkdir)
+                self._handle = await trio.to_thread.run_sync(
+                    open, self.directory / str(self.count), "wb")
+                self._path = path
+                self.count += 1
+            if chunk and self._handle is not None:
+                await trio.to_thread.run_sync(self._handle.write, chunk)
+                self.written += len(chunk)
+        except OSError as exc:  # the disk is full, say: the function's end is still recorded
+            log.warning("output files of %s: %s", self.directory.name, exc)
+            self.failed = f"output files could not be kept: {exc.strerror or exc}"
+            self.count -= 1 if self._path == path else 0
+
+    def kept(self, files: list[Any]) -> list[Any]:
+        """Of the files collected, those kept whole on disk."""
+        return files if self.failed is None else files[:max(self.count, 0)]
 
     async def _close_file(self) -> None:
         if self._handle is not None:
@@ -192,7 +204,10 @@ class Writer:
     async def close(self) -> None:
         """The collection is over: the room it did not use goes back to the budget."""
         with trio.CancelScope(shield=True):
-            await self._close_file()
+            try:
+                await self._close_file()
+            except OSError as exc:
+                self.failed = self.failed or f"output files could not be kept: {exc}"
         self.store.granted -= self.granted
         self.store.used += self.written
         if self.count:  # the directory's time is when its files were kept

@@ -207,10 +207,13 @@ class Function:
                 scheduler.files_store.cut += 1
                 result.files_error = result.files_error or (
                     "the server's room for output files (files_max_bytes) is nearly used")
+            assert writer is not None
+            kept = writer.kept(result.files)
             self.record.files = [{"path": f.path, "size": f.size, "sha256": f.sha256,
-                                  "truncated": f.truncated} for f in result.files]
-            self.record.files_truncated = result.files_truncated
-            self.record.files_error = result.files_error
+                                  "truncated": f.truncated} for f in kept]
+            self.record.files_truncated = result.files_truncated or len(kept) < len(
+                result.files)
+            self.record.files_error = writer.failed or result.files_error
         self._record_result(result)
 
     def _output(self, fd: int, data: bytes) -> None:
