@@ -645,10 +645,34 @@ ROW_NAMES = {
     9: "ufaas main.py, forked (zygote)",
     10: "ufaas print('hi'), as row 11 runs it",
     11: "Piston API /api/v2/execute, same",
+    12: "ufaas writes 1 MiB, not collected",
+    13: "ufaas writes 1 MiB, collected",
 }
 # Rows 10 and 11: one line of python through /fn, with what the Piston layer adds (its CPU
 # limit, its stdin's newline), and through the Piston layer itself.
 ONE_LINE = "print('hi')"
+
+
+# Rows 12 and 13: a command that writes a 1 MiB file, then prints; row 13 also has it
+# collected as an output file (kept on the server's disk).
+WRITE_MIB = ["sh", "-c", "head -c 1048576 /dev/urandom > out.bin && echo hi"]
+N_FILES = 200
+
+
+def output_body(image: str, *, collect: bool) -> bytes:
+    return json.dumps({"image": image, "command": WRITE_MIB,
+                       **({"outputs": ["out.bin"]} if collect else {})}).encode()
+
+
+class OutputSeries(HttpSeries):
+    """Row 13: each record must list the 1 MiB file, kept whole."""
+
+    def once(self) -> tuple[bytes, str]:
+        out, why = super().once()
+        files = self.records[-1].get("files") or [{}]
+        if files[0].get("size") != 1 << 20 or files[0].get("truncated"):
+            why = f"{why} files {files}".strip()
+        return out, why
 
 
 def one_line_body(image: str) -> bytes:
@@ -781,6 +805,16 @@ def measure(args: argparse.Namespace, server: Server, docker_client: docker.Dock
     got = row10.result(timed_rows[10])
     res.rows[10], res.server_ms[10] = got.row, got.server_ms
 
+    say("rows 12 and 13 (a 1 MiB file written, then collected or not) ...")
+    wait_settled(client)
+    row12 = HttpSeries(client, ROW_NAMES[12], output_body(args.python_image, collect=False))
+    row13 = OutputSeries(client, ROW_NAMES[13], output_body(args.python_image, collect=True))
+    timed_rows.update({12: Row(ROW_NAMES[12]), 13: Row(ROW_NAMES[13])})
+    interleaved([(timed_rows[12], row12.once), (timed_rows[13], row13.once)], args.n_files)
+    for number, series in ((12, row12), (13, row13)):
+        got = series.result(timed_rows[number])
+        res.rows[number], res.server_ms[number] = got.row, got.server_ms
+
     say("row 8 (main.py in a fresh interpreter) ...")
     wait_settled(client)
     got = http_row(client, ROW_NAMES[8], args.n_fresh,
@@ -893,6 +927,9 @@ def print_report(res: Results, checks: list[tuple[str, bool, str]]) -> None:
         row, span = res.rows[number], statistics.fmean(res.server_ms[number] or [0])
         print(f"row {number}: command ran {p50(row.inside_ms):.2f} ms inside the container "
               f"(p50); server created->finished {span:.1f} ms (mean, ms-resolution stamps)")
+    if 12 in res.rows and 13 in res.rows:
+        added = p50(res.rows[13].samples_ms) - p50(res.rows[12].samples_ms)
+        print(f"collecting one 1 MiB output file adds {added:.2f} ms p50 (row 13 - row 12)")
     if res.floors:
         print("\nrow 3 with ufaas's own logic taken out (python -m bench.floors):")
         for row in res.floors:
@@ -995,6 +1032,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="timed runs of row 1, `docker run` (default %(default)s)")
     parser.add_argument("--n-fresh", type=int, default=N_FRESH,
                         help="timed runs of row 8, main.py fresh (default %(default)s)")
+    parser.add_argument("--n-files", type=int, default=N_FILES,
+                        help="timed runs of rows 12 and 13 (%(default)s)")
     parser.add_argument("--n-piston", type=int, default=N_PISTON,
                         help="timed runs of rows 10 and 11, the Piston API (default %(default)s)")
     parser.add_argument("--per-level", type=int, default=PER_LEVEL,
