@@ -42,7 +42,8 @@ def measure(trees: dict[str, Path], n: int, block: int) -> None:
                 directory = Path(tmp) / name
                 directory.mkdir()
                 server = servers[name] = Server(
-                    write_config(directory, PYTHON_IMAGE, BUSYBOX_IMAGE), tree=tree)
+                    write_config(directory, PYTHON_IMAGE, BUSYBOX_IMAGE, plain=True),
+                    tree=tree)
                 client, _ = start(server, pools=2)
                 wait_settled(client)
                 series[name] = HttpSeries(client, name, body)

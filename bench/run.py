@@ -230,7 +230,18 @@ def cpu_snapshot(server: Server) -> dict[str, float]:
             "bench": time.process_time(), "machine": machine_busy_s()}
 
 
-def write_config(directory: Path, python_image: str, busybox_image: str) -> Path:
+RUNTIME = """[[runtimes]]
+language = "python"
+version = "3.11.2"
+image = {image}
+run = ["python3", "{{file}}"]
+"""
+
+
+def write_config(directory: Path, python_image: str, busybox_image: str, *,
+                 plain: bool = False) -> Path:
+    """The bench server's config; ``plain``: without the settings older trees lack (the
+    zygote's preload, the Piston runtimes), for ``bench.ab`` against any base."""
     labels = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in LABELS.items())
     text = f"""\
 db = {json.dumps(str(directory / "ufaas.db"))}
@@ -241,13 +252,8 @@ labels = {{ {labels} }}
 image = {json.dumps(python_image)}
 min_idle = {PYTHON_MIN_IDLE}
 max = {POOL_MAX}
-preload = {json.dumps(IMPORTS)}
-
-[[runtimes]]
-language = "python"
-version = "3.11.2"
-image = {json.dumps(python_image)}
-run = ["python3", "{{file}}"]
+{"" if plain else f"preload = {json.dumps(IMPORTS)}"}
+{"" if plain else RUNTIME.format(image=json.dumps(python_image))}
 
 [[pools]]
 image = {json.dumps(busybox_image)}
