@@ -470,12 +470,13 @@ def routes(config):
 
     service = Service.build(config.model_copy(update={"db": ":memory:"}))
     service.store.close()
+    service.files.close()
     app = service.app
     found = []
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
             continue
-        path = rule.rule.replace("<fid>", str(uuid.uuid4()))
+        path = rule.rule.replace("<fid>", str(uuid.uuid4())).replace("<path:path>", "a.txt")
         assert "<" not in path, f"fill in the argument of {rule.rule} in this test"
         if rule.websocket:
             found.append(("GET", path, True))
