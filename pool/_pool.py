@@ -76,6 +76,7 @@ class Container:
     workdirs: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
     # Leases waiting for this very container (locality), first come first served.
     waiters: collections.deque[_Waiter] = field(default_factory=collections.deque)
+    discarded: bool = False  # asked to go while busy: retired when its lease ends
 
     @property
     def short_id(self) -> str:
@@ -100,12 +101,22 @@ class PoolStatistics:
     total: int
     waiting: int
     started: int
-    failed_starts: int
+    failed_starts: int  # in a row, since the last start that worked
     last_error: str | None
+    # Totals since the pool began: starts that failed, and containers taken out of service
+    # by reason (see RETIRE_REASONS).
+    start_failures: int = 0
+    retired: dict[str, int] = field(default_factory=dict)
     # Agent pools of a profile with a zygote: how many containers have theirs ready, the
     # preload modules that failed to import (and why), the last zygote error, and the
     # memory of one zygote.
     zygote: dict[str, Any] | None = None
+
+
+# Why a container is taken out of service: it died or left the engine (lost), its clean-up
+# could not be confirmed or its disk filled (unclean), a caller asked (discarded), it was
+# idle past idle_ttl (idle), another pool needed its room (budget), the pool closed (closed).
+RETIRE_REASONS = ("lost", "unclean", "discarded", "idle", "budget", "closed")
 
 
 class Lease:
@@ -203,7 +214,7 @@ class Budget:
         if not candidates:
             return False
         _, container, pool = min(candidates, key=lambda item: item[0])
-        pool._retire(container)
+        pool._retire(container, "budget")
         return True
 
     def freed(self) -> None:
@@ -267,6 +278,8 @@ class Pool:
         self._starting = 0
         self._started = 0
         self._failed_starts = 0
+        self._start_failures = 0
+        self._retired: collections.Counter[str] = collections.Counter()
         self._last_error: str | None = None
         self._told_preload = False
         self._wake = trio.Event()
@@ -336,6 +349,7 @@ class Pool:
             starting=self._starting, total=len(self._containers) + self._starting,
             waiting=len(self._waiters), started=self._started,
             failed_starts=self._failed_starts, last_error=self._last_error,
+            start_failures=self._start_failures, retired=dict(self._retired),
             zygote=self._zygotes(),
         )
 
@@ -368,9 +382,9 @@ class Pool:
         if c is None:
             return
         if c.state == "idle":
-            self._retire(c)
+            self._retire(c, "discarded")
         else:
-            c.runner.tainted = True
+            c.discarded = True
 
     # -- leases ---------------------------------------------------------------------------
 
@@ -410,7 +424,7 @@ class Pool:
                 return Lease(self, c, near.workdir, True)
             return None
         while self._idle and not self._idle[-1].runner.alive:
-            self._retire(self._idle[-1])
+            self._retire(self._idle[-1], "lost")
         if not self._idle:
             return None
         c = self._idle.pop()  # the most recently used: its caches are warmest
@@ -425,7 +439,7 @@ class Pool:
         if near is not None:
             c = self._containers.get(near.container)
             if c is not None and not c.runner.alive:
-                self._retire(c)
+                self._retire(c, "lost")
             elif c is not None and c.state != "dead" and near.workdir in c.workdirs:
                 got = await self._wait(c.waiters)
                 if got is c:
@@ -474,8 +488,11 @@ class Pool:
     def _release(self, c: Container, *, discard: bool = False) -> None:
         runner = c.runner
         c.last_used = time.monotonic()
-        if discard or runner.tainted or not runner.alive or c.state == "dead" or self._closed:
-            self._retire(c)
+        reason = ("closed" if self._closed else "discarded" if discard or c.discarded
+                  else "lost" if not runner.alive or c.state == "dead"
+                  else "unclean" if runner.tainted else None)
+        if reason is not None:
+            self._retire(c, reason)
             return
         while len(c.workdirs) > self.workdirs_kept:
             old, _ = c.workdirs.popitem(last=False)
@@ -497,10 +514,12 @@ class Pool:
         self._parked.set()
         self._parked = trio.Event()
 
-    def _retire(self, c: Container) -> None:
-        """Take a container out of service and remove it in the background."""
+    def _retire(self, c: Container, reason: str) -> None:
+        """Take a container out of service and remove it in the background; ``reason`` is
+        one of RETIRE_REASONS, counted in the statistics."""
         if c.state == "dead" and c.id not in self._containers:
             return
+        self._retired[reason] += 1
         c.state = "dead"
         if c in self._idle:
             self._idle.remove(c)
@@ -537,7 +556,7 @@ class Pool:
         """A container's agent stream ended: replace the container if nobody holds it."""
         c = self._containers.get(cid)
         if c is not None and c.state == "idle":
-            self._retire(c)
+            self._retire(c, "lost")
         self._wake.set()
 
     def _deficit(self) -> int:
@@ -574,6 +593,7 @@ class Pool:
             cid, runner = await self._start_container()
         except (EngineError, trio.TooSlowError, OSError, NoAgent) as exc:
             self._failed_starts += 1
+            self._start_failures += 1
             self._last_error = f"{type(exc).__name__}: {exc}"
             log.warning("pool %s: container start failed: %s", self.name, self._last_error)
             if isinstance(exc, ImageMissing) or not await self.engine.ping():
@@ -647,11 +667,11 @@ class Pool:
                 if surplus <= 0:
                     break
                 if now - c.last_used > self.idle_ttl:
-                    self._retire(c)
+                    self._retire(c, "idle")
                     surplus -= 1
             for c in list(self._containers.values()):
                 if not c.runner.alive and c.state == "idle":
-                    self._retire(c)
+                    self._retire(c, "lost")
             try:
                 with trio.fail_after(self.engine.call_timeout):
                     running = {
@@ -665,7 +685,7 @@ class Pool:
                 if c.id not in running:
                     c.runner.alive = False
                     if c.state == "idle":
-                        self._retire(c)
+                        self._retire(c, "lost")
             self._wake.set()
 
 

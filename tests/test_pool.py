@@ -258,6 +258,29 @@ async def test_dead_container_is_replaced(engine, images, test_id, test_labels, 
                 await trio.sleep(0.1)
             _, ok = await run(pool, Job(["echo", "back"]))
             assert ok.stdout == b"back\n"
+            stats = pool.statistics()
+            # Killed while busy, then while idle: each one lost, each replaced.
+            assert stats.retired == {"lost": 1 + len(idle_before)}, stats
+            assert stats.started == 2 + len(idle_before) and stats.start_failures == 0
+
+
+async def test_retired_containers_are_counted_by_reason(engine, images, test_id,
+                                                       test_labels):
+    with trio.fail_after(60):
+        async with serving(engine, images.busybox, test_id, test_labels, min_idle=1,
+                           idle_ttl=0.2) as pool:
+            async with pool.lease() as lease:
+                pool.discard(lease.container.id)  # busy: it goes when the lease ends
+                await lease.run(Job(["true"]))
+            assert pool.statistics().retired == {"discarded": 1}
+            await pool.wait_warm(timeout=30)
+            async with pool.lease() as first, pool.lease() as second:
+                await first.run(Job(["true"]))
+                await second.run(Job(["true"]))
+            # Two idle again, one beyond min_idle: it goes after idle_ttl.
+            while pool.statistics().retired.get("idle", 0) < 1:
+                await trio.sleep(0.1)
+            assert pool.statistics().retired == {"discarded": 1, "idle": 1}
 
 
 async def test_queueing_in_arrival_order(engine, images, test_id, test_labels):
