@@ -463,18 +463,24 @@ async def test_disk_full(start_server, make_config, image):
 # -- exposure ----------------------------------------------------------------------------
 
 
+# The only routes anyone may call: the browser pages' static files (ufaas.api.PUBLIC).
+PUBLIC = {"/": "dashboard", "/docs": "docs", "/ui/dashboard.js": "asset"}
+
+
 def routes(config):
-    """Every route of the app as (method, path, websocket), ``<fid>`` filled in: a route
-    added later is checked without this test changing."""
+    """Every route of the app but the public ones as (method, path, websocket), ``<fid>``
+    filled in: a route added later is checked without this test changing."""
+    from ufaas.api import PUBLIC as public_endpoints
     from ufaas.server import Service
 
     service = Service.build(config.model_copy(update={"db": ":memory:"}))
     service.store.close()
     service.files.close()
     app = service.app
+    assert public_endpoints == set(PUBLIC.values())
     found = []
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        if rule.endpoint in public_endpoints:
             continue
         path = rule.rule.replace("<fid>", str(uuid.uuid4())).replace("<path:path>", "a.txt")
         assert "<" not in path, f"fill in the argument of {rule.rule} in this test"
@@ -527,6 +533,10 @@ async def test_token_everywhere_and_never_logged(start_server, make_config, imag
                               f"token=nope&token={secret}"):
                     r = await anonymous.request(method, f"{path}?{query}", content=valid)
                     assert r.status_code == 401, (method, path, query)
+            # The static files of the browser pages need none: they hold no data.
+            for path in PUBLIC:
+                r = await anonymous.get(path)
+                assert r.status_code == 200 and secret not in r.text, path
             # The token works as a query parameter too (for WebSocket clients).
             assert (await anonymous.get(f"/fn?token={secret}")).status_code == 200
             # The scheme is case-insensitive (RFC 9110).

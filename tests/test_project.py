@@ -53,7 +53,8 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-FORBIDDEN_IN_POOL = {"ufaas", "pydantic", "quart", "quart_trio", "hypercorn", "httpx"}
+FORBIDDEN_IN_POOL = {"ufaas", "pydantic", "quart", "quart_trio", "quart_schema", "hypercorn",
+                     "httpx", "prometheus_client"}
 
 
 def test_pool_imports_nothing_of_the_service():

@@ -1,8 +1,11 @@
 """The HTTP API, every route on Quart-Trio: requests become :class:`~ufaas.scheduler.Scheduler`
 calls and answers are shaped here; the WebSocket route hands its socket to :mod:`ufaas.ws`.
+Each route is documented by the models of :mod:`ufaas.openapi`, which also parse its query.
 
 Every error is JSON ``{"error": message, "detail": ...}`` with a 4xx status naming the
-problem; nothing a caller sends may produce a 500.
+problem; nothing a caller sends may produce a 500. Every route needs the token, when one
+is set, but those of ``PUBLIC``: the dashboard's and the document browser's static files,
+which hold nothing of the server's (every data route they call needs the token).
 """
 
 from __future__ import annotations
@@ -10,39 +13,54 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import math
 import mimetypes
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import trio
 from quart import Response, g, request, websocket
 from quart.utils import encode_headers
 from quart.wrappers.response import DataBody
+from quart_schema import hide
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
-from pool import Profile
-
 from .config import Config
 from .files import Gone
+from .live import WatcherStatistics
+from .metrics import CONTENT_TYPE as METRICS_TYPE
+from .metrics import Metrics
+from .openapi import (
+    BadQuery,
+    CancelQuery,
+    ErrorBody,
+    FollowQuery,
+    Health,
+    ListQuery,
+    PoolView,
+    RecordView,
+    ShowQuery,
+    SubmitQuery,
+    bounded,
+    documented,
+    install,
+)
 from .piston import PISTON_PREFIX, piston_api
 from .scheduler import Conflict, NotFound, QueueFull, Scheduler
-from .spec import BadJSON, SpecError
-from .store import STATUSES, Record
+from .spec import BadJSON, Spec, SpecError
+from .store import Record
 from .ws import serve_socket
 
 log = logging.getLogger("ufaas")
 
 JSON_TYPE = "application/json"
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, detail: Any = None) -> None:
-        super().__init__(message)
-        self.message, self.status, self.detail = message, status, detail
+# Routes anyone may call: static files of the browser pages (see the module's docstring).
+PUBLIC = frozenset({"dashboard", "docs", "asset"})
+UI_FILES = {".html", ".js", ".css", ".svg"}
 
 
 def error(status: int, message: str, detail: Any = None,
@@ -53,37 +71,6 @@ def error(status: int, message: str, detail: Any = None,
 
 def reply(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(json.dumps(data), status=status, content_type=JSON_TYPE, headers=headers)
-
-
-def number(args: Mapping[str, str], name: str, default: float | None, *, lo: float,
-           hi: float) -> float | None:
-    raw = args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadRequest(f"query parameter {name!r} must be a number, not {raw[:40]!r}") from None
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise BadRequest(f"query parameter {name!r} must be between {lo:g} and {hi:g}")
-    return value
-
-
-def flag(args: Mapping[str, str], name: str) -> bool:
-    raw = args.get(name, "").lower()
-    if raw in ("", "0", "false", "no"):
-        return False
-    if raw in ("1", "true", "yes"):
-        return True
-    raise BadRequest(f"query parameter {name!r} must be true or false")
-
-
-def choice(args: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
-    raw = args.get(name, "")
-    if raw not in allowed:
-        raise BadRequest(f"query parameter {name!r} must be "
-                         + " or ".join(repr(a) for a in allowed if a))
-    return raw
 
 
 def authorized(token: bytes, authorization: str, args: Mapping[str, str], *,
@@ -108,12 +95,6 @@ async def body() -> bytes:
     g.body_read = True
     assert isinstance(data, bytes)
     return data
-
-
-def profile_view(p: Profile) -> dict[str, Any]:
-    return {"memory": p.memory, "cpus": p.cpus, "pids": p.pids, "network": p.network,
-            "user": p.user, "workdir_size": p.workdir_size, "tmp_size": p.tmp_size,
-            "zygote": p.zygote, "preload": list(p.preload)}
 
 
 class _Connection(TrioASGIHTTPConnection):
@@ -152,17 +133,47 @@ class _App(QuartTrio):
     asgi_http_class = _Connection
 
 
+def _assets() -> dict[str, tuple[bytes, str]]:
+    """The browser pages' files (package data in ufaas/ui), read once: name -> (content,
+    type)."""
+    found = {}
+    for entry in (resources.files("ufaas") / "ui").iterdir():
+        kind = mimetypes.guess_type(entry.name)[0]
+        if entry.is_file() and kind is not None and Path(entry.name).suffix in UI_FILES:
+            found[entry.name] = (entry.read_bytes(), f"{kind}; charset=utf-8")
+    return found
+
+
+ERROR = ErrorBody
+BAD_QUERY = (ERROR, "a query parameter is refused")
+UNKNOWN = (ERROR, "no function has that id")
+BAD_BODY = {400: (ERROR, "the body is not JSON, or a query parameter is refused"),
+            413: (ERROR, "the body is over max_body"),
+            422: (ERROR, "the spec fails validation: the message names the field; detail "
+                  "lists the problems")}
+LOCATION = {"Location": "the record's path, /fn/{id}"}
+
+
 def create_app(scheduler: Scheduler, config: Config,
-               healthy: Callable[[], Awaitable[bool]]) -> QuartTrio:
-    app = _App("ufaas")
+               healthy: Callable[[], Awaitable[bool]], metrics: Metrics) -> QuartTrio:
+    app = _App("ufaas", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.config["BODY_TIMEOUT"] = config.body_timeout
     app.config["SEND_TIMEOUT"] = config.send_timeout
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     token = (config.token or "").encode()
+    install(app, token=bool(token))
+    assets = _assets()
+    wait = (0.0, config.max_wait)
+    submit_query = bounded(SubmitQuery, wait=wait)
+    follow_query = bounded(FollowQuery, wait=wait)
+    show_query = bounded(ShowQuery, wait=wait)
+    list_query = bounded(ListQuery, limit=(1, config.max_list))
 
     @app.before_request
     async def check_token() -> Response | None:
+        if request.endpoint in PUBLIC:
+            return None
         piston = request.path.startswith(PISTON_PREFIX)
         if not authorized(token, request.headers.get("Authorization", ""), request.args,
                           bare=piston):
@@ -188,9 +199,9 @@ def create_app(scheduler: Scheduler, config: Config,
             return error(401, "missing or wrong token")
         return None
 
-    @app.errorhandler(BadRequest)
-    async def bad_request(exc: BadRequest) -> Response:
-        return error(exc.status, exc.message, exc.detail)
+    @app.errorhandler(BadQuery)
+    async def bad_query(exc: BadQuery) -> Response:
+        return error(400, str(exc))
 
     @app.errorhandler(BadJSON)
     async def bad_json(exc: BadJSON) -> Response:
@@ -218,20 +229,16 @@ def create_app(scheduler: Scheduler, config: Config,
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
-        return error(exc.code or 500, exc.description or exc.name)
+        allow = dict(exc.get_headers()).get("Allow")
+        return error(exc.code or 500, exc.description or exc.name,
+                     headers={"Allow": allow} if allow else None)
 
     @app.errorhandler(Exception)
     async def internal(exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error(500, "internal error", type(exc).__name__)
 
-    def wait_arg() -> float | None:
-        return number(request.args, "wait", None, lo=0, hi=config.max_wait)
-
-    async def submit(after: str | None) -> Response:
-        args = request.args
-        strict = flag(args, "strict") if after is not None else False
-        wait = wait_arg()  # a bad query refuses the request before anything is queued
+    async def submit(after: str | None, wait: float | None, strict: bool) -> Response:
         raw = await body()
         function = await scheduler.submit(raw, after=after, strict=strict)
         headers = {"Location": f"/fn/{function.id}"}
@@ -243,16 +250,17 @@ def create_app(scheduler: Scheduler, config: Config,
         return reply(record.public(), 202, headers)
 
     @app.get("/fn")
+    @documented(query=list_query, answers={
+        200: (list[RecordView], "records, newest first"), 400: BAD_QUERY,
+        404: (ERROR, "no function has the id of ?before")},
+        headers={200: {"Link": 'where more records are: </fn?...&before=ID>; rel="next"'}})
     async def list_functions() -> Response:
-        args = request.args
-        status = args.get("status")
-        if status is not None and status != "all" and status not in STATUSES:
-            raise BadRequest(f"unknown status {status[:40]!r}: use all or one of "
-                             + ", ".join(STATUSES))
-        limit = int(number(args, "limit", 100, lo=1, hi=config.max_list) or 100)
-        return listing(scheduler.records(status, limit + 1, args.get("before")), limit,
-                       {k: v for k, v in (("status", status), ("limit", args.get("limit")))
-                        if v is not None})
+        """Function records: the active ones, or those of one status."""
+        query = list_query.parse(request.args)
+        given = {k: v for k, v in (("status", query.status),
+                                   ("limit", request.args.get("limit"))) if v is not None}
+        return listing(scheduler.records(query.status, query.limit + 1, query.before),
+                       query.limit, given)
 
     def listing(records: Any, limit: int, query: dict[str, str]) -> Response:
         """At most ``limit`` records and ``max_list_bytes`` of JSON (one record at least);
@@ -274,16 +282,27 @@ def create_app(scheduler: Scheduler, config: Config,
         return Response(f"[{','.join(parts)}]", content_type=JSON_TYPE, headers=headers)
 
     @app.post("/fn")
+    @documented(query=submit_query, body=Spec, answers={
+        200: (RecordView, "finished within ?wait"),
+        202: (RecordView, "accepted: pending or running"), **BAD_BODY,
+        429: (ERROR, "too many functions are pending")},
+        headers={200: LOCATION, 202: LOCATION, 429: {"Retry-After": "seconds"}})
     async def create_function() -> Response:
-        return await submit(None)
+        """Create and queue a function."""
+        query = submit_query.parse(request.args)  # refused before anything is queued
+        return await submit(None, query.wait, False)
 
     @app.get("/fn/<fid>")
+    @documented(query=show_query, answers={
+        200: (RecordView, "the record, with its output so far"), 400: BAD_QUERY,
+        404: UNKNOWN})
     async def show_function(fid: str) -> Response:
-        spec = choice(request.args, "spec", ("", "summary", "full"))
-        wait = wait_arg()
-        record: Record = await scheduler.wait(fid, wait) if wait else scheduler.get(fid)
+        """One record."""
+        query = show_query.parse(request.args)
+        record: Record = (await scheduler.wait(fid, query.wait) if query.wait
+                          else scheduler.get(fid))
         shown = record.public()
-        if spec != "full":
+        if query.spec != "full":
             return reply(shown)
         # The spec as kept is JSON already, and may be megabytes: spliced in, not decoded.
         del shown["spec"]
@@ -324,43 +343,93 @@ def create_app(scheduler: Scheduler, config: Config,
                             "X-Content-Type-Options": "nosniff"})
 
     @app.post("/fn/<fid>")
+    @documented(query=follow_query, body=Spec, answers={
+        200: (RecordView, "finished within ?wait"),
+        202: (RecordView, "accepted: pending or running"), **BAD_BODY, 404: UNKNOWN,
+        409: (ERROR, "strict, and the predecessor's container is gone or of another "
+              "pool"), 429: (ERROR, "too many functions are pending")},
+        headers={200: LOCATION, 202: LOCATION, 429: {"Retry-After": "seconds"}})
     async def follow_function(fid: str) -> Response:
-        return await submit(fid)
+        """A follow-up: run in the container and working directory of function fid (the
+        image may be left out)."""
+        query = follow_query.parse(request.args)
+        return await submit(fid, query.wait, query.strict)
 
     @app.put("/fn/<fid>")
+    @documented(body=Spec, partial=True, answers={
+        200: (RecordView, "the pending function, changed"), **BAD_BODY, 404: UNKNOWN,
+        409: (ERROR, "it has started: only pending functions change")})
     async def update_function(fid: str) -> Response:
+        """Change a pending function's spec."""
         return reply((await scheduler.update(fid, await body())).public())
 
     @app.delete("/fn/<fid>")
+    @documented(query=CancelQuery, answers={
+        200: (RecordView, "the record once cancelled (a finished one stays as it was)"),
+        400: BAD_QUERY, 404: UNKNOWN})
     async def cancel_function(fid: str) -> Response:
-        container = choice(request.args, "container", ("", "keep", "remove"))
-        record = await scheduler.cancel(fid, remove_container=container == "remove",
-                                        purge=flag(request.args, "purge"))
+        """Cancel: a pending function never starts, a running one is killed."""
+        query = CancelQuery.parse(request.args)
+        record = await scheduler.cancel(fid, remove_container=query.container == "remove",
+                                        purge=query.purge)
         return reply(record.public())
 
     @app.get("/pools")
+    @documented(answers={200: (list[PoolView], "each pool")})
     async def pools() -> Response:
+        """The pools: warm, busy and starting containers, queued functions, zygotes."""
         shown = []
         for p in scheduler.pools:
             s = p.statistics()
-            shown.append({
-                "name": s.name, "image": p.reference, "image_id": p.image, "mode": s.mode,
-                "profile": profile_view(p.profile), "warm": s.idle, "busy": s.busy,
-                "starting": s.starting, "total": s.total, "queued": s.waiting,
-                "min_idle": p.min_idle, "max": p.max, "last_error": s.last_error,
-                "zygote": s.zygote,
-            })
+            shown.append(PoolView.model_validate(dict(
+                name=s.name, image=p.reference, image_id=p.image, mode=s.mode,
+                profile=p.profile, warm=s.idle, busy=s.busy, starting=s.starting,
+                total=s.total, queued=s.waiting, min_idle=p.min_idle, max=p.max,
+                last_error=s.last_error, zygote=s.zygote,
+            )).model_dump(mode="json"))
         return reply(shown)
 
     @app.get("/healthz")
+    @documented(answers={200: (Health, "the Docker engine answers"),
+                         503: (ERROR, "the Docker engine does not answer")})
     async def healthz() -> Response:
+        """Whether the Docker engine answers."""
         if await healthy():
             return reply({"status": "ok"})
         return error(503, "the Docker engine does not answer")
 
     @app.get("/watchers")
+    @documented(answers={200: (list[WatcherStatistics], "each WebSocket client's buffer")})
     async def watchers() -> Response:
+        """The WebSocket clients: what each follows and buffers."""
         return reply([vars(s) for s in scheduler.hub.statistics()])
+
+    @app.get("/metrics")
+    @documented(answers={}, text=METRICS_TYPE)
+    async def metrics_text() -> Response:
+        """Metrics in the Prometheus text format."""
+        return Response(metrics.exposition(), content_type=METRICS_TYPE)
+
+    def send(name: str) -> Response:
+        found = assets.get(name)
+        if found is None:
+            return error(404, f"no file {name[:80]!r}")
+        return Response(found[0], content_type=found[1], headers={"Cache-Control": "no-cache"})
+
+    @app.get("/")
+    @hide
+    async def dashboard() -> Response:
+        return send("index.html")
+
+    @app.get("/docs")
+    @hide
+    async def docs() -> Response:
+        return send("docs.html")
+
+    @app.get("/ui/<name>")
+    @hide
+    async def asset(name: str) -> Response:
+        return send(name)
 
     @app.websocket("/fn/ws")
     async def fn_socket() -> None:

@@ -56,6 +56,7 @@ class Function:
         self.requeue: trio.CancelScope | None = None  # cancelled to queue it elsewhere
         self.cancel_requested = False
         self.discard = False
+        self.waited = 0.0  # seconds it waited for a container of its pool
         self._store = store
         self._hub = hub
         self._dequeued = dequeued
@@ -160,8 +161,10 @@ class Function:
                     if changed.is_set():
                         continue
                     pool = await scheduler.pool_for(self.record.spec)
+                    queued = trio.current_time()
                     async with pool.lease(near, strict=self.strict,
                                           timeout=scheduler.config.queue_timeout) as lease:
+                        self.waited += trio.current_time() - queued
                         if changed.is_set():
                             continue
                         if spec is None:

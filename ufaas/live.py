@@ -274,12 +274,19 @@ class Hub:
 
     def __init__(self, *, max_bytes: int = WATCHER_BYTES) -> None:
         self.max_bytes = max_bytes
+        self.subscribed = 0  # watchers ever made
         self._watchers: set[Watcher] = set()
+
+    @property
+    def watching(self) -> int:
+        """Watchers now (clients connected)."""
+        return len(self._watchers)
 
     def subscribe(self, **limits: int) -> Watcher:
         """A new watcher; ``unsubscribe`` it when its client goes."""
         watcher = Watcher(**{"max_bytes": self.max_bytes, **limits})
         self._watchers.add(watcher)
+        self.subscribed += 1
         return watcher
 
     def unsubscribe(self, watcher: Watcher) -> None:

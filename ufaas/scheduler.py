@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -42,12 +43,20 @@ class QueueFull(Exception):
     """Too many functions are pending; try again later."""
 
 
+@dataclass(frozen=True)
+class SchedulerStatistics:
+    pending: int  # accepted, not started: the queue
+    running: int
+    pinned_bytes: int  # spec content that waiting functions keep in memory
+
+
 class Scheduler:
     """Accepts functions, runs each in its own task, and keeps the unfinished ones by id.
 
     Run it with ``await nursery.start(scheduler.serve)``: configured pools start, functions
     left pending by an earlier run resume, and cancelling it stops every function (see
-    :meth:`Function.run`).
+    :meth:`Function.run`). Each of ``observers`` is called with every function once it has
+    ended and its record is saved.
     """
 
     def __init__(self, config: Config, store: Store, pools: Pools, downloader: Downloader,
@@ -69,6 +78,7 @@ class Scheduler:
         self._configured = {(pc.image, pc.network): pc for pc in reversed(config.pools)}
         self._default_profiles = {net: Profile(network=net) for net in (False, True)}
         self._nursery: trio.Nursery | None = None
+        self.observers: list[Callable[[Function], None]] = []
 
     async def serve(self, *, task_status: trio.TaskStatus[Scheduler] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -215,6 +225,15 @@ class Scheduler:
     def is_active(self, fid: str) -> bool:
         return fid in self._functions
 
+    def statistics(self) -> SchedulerStatistics:
+        running = sum(1 for f in self._functions.values() if f.status == "running")
+        return SchedulerStatistics(pending=self._pending, running=running,
+                                   pinned_bytes=self._pinned)
+
+    def running_pool(self, image: str, network: bool) -> Pool | None:
+        """The pool that functions of ``image`` and ``network`` run in, if it runs now."""
+        return self.pools.get(image, self._profile(image, network))
+
     async def feed(self, fid: str, data: bytes, eof: bool = False) -> None:
         """Give an interactive function more stdin, or its end-of-file.
 
@@ -335,7 +354,7 @@ class Scheduler:
             if not predecessor.finished or not predecessor.container:
                 return None
             near = Place(predecessor.container, predecessor.workdir or "")
-        pool = self.pools.get(spec.image or "", self._profile(spec.image or "", spec.network))
+        pool = self.running_pool(spec.image or "", spec.network)
         return pool.claim(near) if pool is not None else None
 
     def _profile(self, image: str, network: bool) -> Profile:
@@ -357,6 +376,9 @@ class Scheduler:
             del self._functions[function.id]
             if function.record.callback is not None:
                 self.callbacks.wake()
+        if function.record.finished:  # not one left pending by a shutdown
+            for observe in self.observers:
+                observe(function)
 
     def _dequeued(self, function: Function) -> None:
         self._pending -= 1

@@ -27,6 +27,7 @@ from .config import Config
 from .fetch import Downloader
 from .files import FileStore
 from .live import Hub
+from .metrics import Metrics
 from .parser import Parser
 from .scheduler import Scheduler
 from .spec import summarize
@@ -74,6 +75,7 @@ class Service:
     files: FileStore
     callbacks: Callbacks
     scheduler: Scheduler
+    metrics: Metrics
     app: QuartTrio
 
     @classmethod
@@ -98,8 +100,9 @@ class Service:
         scheduler = Scheduler(config, store, pools, downloader,
                               Hub(max_bytes=config.stream_buffer), Parser(config), files,
                               callbacks)
-        return cls(store, engine, pools, downloader, files, callbacks, scheduler,
-                   create_app(scheduler, config, healthy=engine.ping))
+        metrics = Metrics(scheduler)
+        return cls(store, engine, pools, downloader, files, callbacks, scheduler, metrics,
+                   create_app(scheduler, config, healthy=engine.ping, metrics=metrics))
 
 
 async def serve(

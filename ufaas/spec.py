@@ -29,6 +29,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -285,15 +286,23 @@ def _base64_text(data: bytes) -> str:
 Image = Annotated[
     StrictStr, Field(min_length=1, max_length=MAX_IMAGE_CHARS), AfterValidator(_check_image)
 ]
-Command = Annotated[str | list[str], PlainValidator(_check_command)]
-Timeout = Annotated[float, BeforeValidator(_check_timeout)]
+# The JSON schemas of the types checked by plain functions, for the API's document.
+Command = Annotated[str | list[str], PlainValidator(_check_command), WithJsonSchema({
+    "anyOf": [{"type": "string", "minLength": 1},
+              {"type": "array", "items": {"type": "string"}, "minItems": 1}]})]
+Timeout = Annotated[float, BeforeValidator(_check_timeout), WithJsonSchema({
+    "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]})]
 Text = Annotated[StrictStr, AfterValidator(_utf8)]
 Arg = Annotated[StrictStr, AfterValidator(_no_nul)]
 Env = Annotated[
     dict[StrictStr, Arg], Field(max_length=MAX_ENV_ENTRIES), AfterValidator(_check_env)
 ]
-Mode = Annotated[int, PlainValidator(_check_mode), PlainSerializer(lambda m: f"{m:04o}")]
-Base64 = Annotated[bytes, BeforeValidator(_decode_base64), PlainSerializer(_base64_text)]
+Mode = Annotated[int, PlainValidator(_check_mode), PlainSerializer(lambda m: f"{m:04o}"),
+                 WithJsonSchema({"anyOf": [
+                     {"type": "string", "pattern": "^(0o?)?[0-7]{1,3}$"},
+                     {"type": "integer", "minimum": 0, "maximum": 0o777}]})]
+Base64 = Annotated[bytes, BeforeValidator(_decode_base64), PlainSerializer(_base64_text),
+                   WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
 
 
 class Resource(BaseModel):
@@ -301,13 +310,13 @@ class Resource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Annotated[StrictStr, AfterValidator(_check_path)]
+    path: Annotated[StrictStr, AfterValidator(_check_path)] = Field(
+        description="relative to the working directory")
     text: StrictStr | None = None
-    base64: Base64 | None = Field(None, json_schema_extra={"type": "string",
-                                                            "contentEncoding": "base64"})
-    url: StrictStr | None = None
-    sha256: StrictStr | None = None
-    mode: Mode = DEFAULT_MODE
+    base64: Base64 | None = None
+    url: StrictStr | None = Field(None, description="http or https, fetched by the server")
+    sha256: StrictStr | None = Field(None, description="the content's, checked")
+    mode: Mode = Field(DEFAULT_MODE, description="octal, as '0755' (default 0644)")
 
     @field_validator("text")
     @classmethod
@@ -417,16 +426,19 @@ class Spec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: Image | None = None
-    command: Command = Field(json_schema_extra={
-        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]})
-    resources: Resources = Field(default_factory=list)
+    image: Image | None = Field(None, description="a Docker reference or image ID; a "
+                                "follow-up may leave it out")
+    command: Command = Field(description="an argument list, or a string run with /bin/sh -c")
+    resources: Resources = Field(default_factory=list, description="files for the working "
+                                 "directory")
     env: Env = Field(default_factory=dict)
     stdin: Text | None = None
-    timeout: Timeout = Field(default=None, validate_default=True)
+    timeout: Timeout = Field(default=None, validate_default=True, description="seconds "
+                             "(default_timeout when left out, at most max_timeout)")
     network: StrictBool = False
     # A Python command starts a new interpreter, not a fork of the pool's warm one.
-    fresh_interpreter: StrictBool = False
+    fresh_interpreter: StrictBool = Field(False, description="never fork a Python command "
+                                          "from the pool's warm interpreter")
     # Limits of the command's own process: CPU seconds (then it is killed), and bytes of
     # address space. The container's profile binds whatever these allow.
     cpu_limit: int | None = Field(None, ge=1, le=86400, strict=True)
