@@ -50,15 +50,15 @@ class BadQuery(Exception):
 # -- query strings ---------------------------------------------------------------------------
 
 class Query(BaseModel):
-    """A route's query parameters: unknown ones are ignored, an empty one is not given, and
-    of a parameter given twice the first counts."""
+    """A route's query parameters: unknown ones are ignored, and of a parameter given twice
+    the first counts."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     @classmethod
     def parse(cls: type[Q], args: Mapping[str, str]) -> Q:
         """The parameters of ``args``; raise BadQuery naming the first one refused."""
-        data = {name: value for name in args if (value := args[name]) != ""}
+        data = {name: args[name] for name in args if name in cls.model_fields}
         if not data:
             return cls()
         try:
@@ -289,6 +289,7 @@ class _Provider(OpenAPIProvider):
     def build_request_body(self, model: type[Any], source: Any
                            ) -> tuple[dict[str, Any], dict[str, Any]]:
         body, definitions = super().build_request_body(model, source)
+        body["required"] = True  # every body of this API is
         for content in body["content"].values():
             content["schema"] = _named(content["schema"], definitions)
         return body, definitions
