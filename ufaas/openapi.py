@@ -58,9 +58,7 @@ class Query(BaseModel):
     @classmethod
     def parse(cls: type[Q], args: Mapping[str, str]) -> Q:
         """The parameters of ``args``; raise BadQuery naming the first one refused."""
-        data = {name: args[name] for name in args if name in cls.model_fields}
-        if not data:
-            return cls()
+        data = dict(args.items())  # a MultiDict's items are the first values
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
