@@ -4,7 +4,9 @@
 checkout at PATH (say, ``git worktree add ../base HEAD~1``), then times row 3 (``POST
 /fn?wait``, ``echo hi`` through the agent) against both in alternating blocks, so that
 both meet the same machine, and the two floors of row 3 (bench.floors) in the same run.
-It prints each tree's p50, its CPU per function and its share over the floor.
+It prints each tree's p50, its CPU per function and its share over the floor, the
+difference of the two p50s (what a change costs row 3: /metrics' target is +0.1 ms at
+most), and what a ``GET /metrics`` scrape of this tree takes.
 """
 
 from __future__ import annotations
@@ -13,11 +15,20 @@ import argparse
 import statistics
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import docker
 
-from ._common import PYTHON_IMAGE, Row, interleaved, percentile, remove_leftovers
+from ._common import (
+    EXPECTED,
+    PYTHON_IMAGE,
+    Row,
+    interleaved,
+    percentile,
+    remove_leftovers,
+    timed,
+)
 from .floors import agent_floor, http_floor
 from .run import (
     BUSYBOX_IMAGE,
@@ -31,6 +42,15 @@ from .run import (
     wait_settled,
     write_config,
 )
+
+SCRAPES = 50
+
+
+def scrape(url: str) -> tuple[bytes, str]:
+    """One ``GET /metrics`` (an error raises: ``timed`` is told it went well)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as answer:
+        answer.read()
+    return EXPECTED, ""
 
 
 def measure(trees: dict[str, Path], n: int, block: int) -> None:
@@ -55,6 +75,8 @@ def measure(trees: dict[str, Path], n: int, block: int) -> None:
                 done = len(rows[name].samples_ms) + 3  # and the warm-up
                 cpu[name] = {k: (after[k] - before[name][k]) * 1000 / done
                              for k in CPU_PARTS}
+            scrapes = Row("GET /metrics")
+            timed(scrapes, SCRAPES, lambda: scrape(servers["this"].url))
             floor_http = http_floor(n // 4, body)
             floor_agent = agent_floor(docker.from_env(), n // 4)
         finally:
@@ -72,6 +94,13 @@ def measure(trees: dict[str, Path], n: int, block: int) -> None:
               f"{p50 - floor:11.2f}")
         if rows[name].failures:
             print(f"  {len(rows[name].failures)} failures, first: {rows[name].failures[0]}")
+    if "base" in rows:
+        delta = statistics.median(rows["this"].samples_ms) - statistics.median(
+            rows["base"].samples_ms)
+        print(f"this - base: {delta:+.2f} ms p50 (the target of /metrics' cost on row 3: "
+              "<= +0.10 ms)")
+    print(f"a /metrics scrape of this tree: p50 {statistics.median(scrapes.samples_ms):.2f} "
+          f"ms over {len(scrapes.samples_ms)} scrapes")
     print(f"floor of row 3: bare hypercorn {statistics.median(floor_http.samples_ms):.2f} ms "
           f"+ agent round trip {statistics.median(floor_agent.samples_ms):.2f} ms = "
           f"{floor:.2f} ms")
