@@ -192,6 +192,10 @@ async def test_requests_refused_as_piston_refuses_them(client):
          "files must include at least one utf8 encoded file"),
         ({**base, "run_timeout": "fast"}, "If specified, run_timeout must be a number"),
         ({**base, "run_timeout": 60_000}, "run_timeout cannot exceed the configured limit of 3000"),
+        # What JavaScript takes as true is a value: [] and {} are no numbers, nor names.
+        ({**base, "run_timeout": []}, "If specified, run_timeout must be a number"),
+        ({**base, "run_cpu_time": {}}, "If specified, run_cpu_time must be a number"),
+        ({**base, "files": [{"name": ["a"], "content": "1"}]}, "files[0].name must be a string"),
         ({**base, "compile_cpu_time": -5}, "compile_cpu_time must be non-negative"),
         ({**base, "run_memory_limit": 1 << 40},
          "run_memory_limit cannot exceed the configured limit of 536870912"),
@@ -209,6 +213,11 @@ async def test_requests_refused_as_piston_refuses_them(client):
         r = await client.post("/api/v2/execute", content=b"{nope",
                               headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and "JSON" in r.json()["message"]
+        # What it takes as false is "not given", as in Piston: the default.
+        got = await execute(client, "python", [{"name": False, "content": "print(3)"}],
+                            run_timeout=False, run_cpu_time="",
+                            compile_memory_limit=0)
+        assert got["run"]["stdout"] == "3\n"
         # -1 is Piston's "no memory limit"; the newest matching version is chosen.
         got = await execute(client, "python", "print(2)", run_memory_limit=-1, version="3.11")
         assert got["run"]["stdout"] == "2\n" and got["version"] == "3.11.2"

@@ -134,6 +134,13 @@ def _expand(template: tuple[str, ...], files: list[str], *, append_files: bool) 
     return out + files if append_files and not placed else out
 
 
+def _falsy(value: Any) -> bool:
+    """Whether JavaScript, which Piston is written in, reads ``value`` (from JSON) as false:
+    Python also does for ``[]`` and ``{}``, which Piston refuses as limits."""
+    return value is None or value is False or value == "" or (
+        isinstance(value, int | float) and value == 0)
+
+
 @functools.lru_cache(maxsize=256)  # clients ask for the same few ranges again and again
 def _version_range(text: str) -> NpmSpec | None:
     try:
@@ -199,8 +206,10 @@ class Runtimes:
             raise PistonError(f"at most {self.config.max_resources} files")
         resources, code_files = [], []
         for i, f in enumerate(files):
-            name = f.get("name") or f"file{i}.code"
-            if not isinstance(name, str):
+            name = f.get("name")
+            if _falsy(name):
+                name = f"file{i}.code"
+            elif not isinstance(name, str):
                 raise PistonError(f"files[{i}].name must be a string")
             encoding = f.get("encoding") if f.get("encoding") in ENCODINGS else "utf8"
             content = f["content"]
@@ -229,7 +238,7 @@ class Runtimes:
         for constraint, limit in most.items():
             name = f"{stage}_{constraint}"
             value = body.get(name)
-            if not value:
+            if _falsy(value):
                 got[constraint] = limit
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) \
