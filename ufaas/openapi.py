@@ -10,7 +10,7 @@ against the document sees any drift.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -171,6 +171,8 @@ class SpecSummary(_Answer):
     fresh_interpreter: bool = False
     resources: list[ResourceSummary] = Field(default_factory=list)
     stdin: StdinSummary | None = None
+    cpu_limit: int | None = None
+    memory_limit: int | None = None
 
 
 class RecordView(_Answer):
@@ -230,6 +232,91 @@ class Health(_Answer):
     status: Literal["ok"]
 
 
+# -- the Piston-compatible API (ufaas.piston) ---------------------------------------------
+# What Piston's README documents of its v2 API. Piston's own rules check the requests
+# (ufaas.piston.Runtimes.job, with Piston's messages): these models document them.
+
+# Piston reads a limit or a file name that JavaScript takes as false as "not given".
+Unset = Literal[False, 0, ""] | None
+LIMIT = ("{unit}, at most and by default this server's piston_{stage}_{what}; 0, false "
+         "or \"\" also mean the default")
+
+
+class PistonFile(BaseModel):
+    name: str | Unset = Field(None, description="the file's path (default: file<i>.code)")
+    content: str
+    encoding: Any = Field(None, description="of content: utf8 (the default), base64 or hex; "
+                          "anything else is utf8, as in Piston. The first utf8 file is the "
+                          "one run")
+
+
+Amount = Annotated[float, Field(ge=0)]
+Bytes = Annotated[float, Field(ge=1 << 20)] | Literal[-1]
+
+
+def _limit(stage: str, what: str, unit: str) -> Any:
+    return Field(None, description=LIMIT.format(unit=unit, stage=stage, what=what))
+
+
+class PistonExecute(BaseModel):
+    """A Piston execute request."""
+
+    language: str = Field(min_length=1, description="a runtime's language or an alias")
+    version: str = Field(min_length=1, description="a semver range, as npm reads them "
+                         "(say 3.x or *)")
+    files: list[PistonFile] = Field(min_length=1)
+    args: list[str] | None = Field(None, description="after the runtime's run command")
+    stdin: str | None = None
+    compile_timeout: Amount | Unset = _limit("compile", "timeout", "milliseconds")
+    run_timeout: Amount | Unset = _limit("run", "timeout", "milliseconds")
+    compile_cpu_time: Amount | Unset = _limit("compile", "cpu_time", "CPU milliseconds")
+    run_cpu_time: Amount | Unset = _limit("run", "cpu_time", "CPU milliseconds")
+    compile_memory_limit: Bytes | Unset = Field(None, description="bytes, at least 1 MiB "
+                                                "(-1, 0, false or \"\": the profile's)")
+    run_memory_limit: Bytes | Unset = Field(None, description="bytes, at least 1 MiB (-1, "
+                                            "0, false or \"\": the profile's)")
+
+
+class PistonStage(_Answer):
+    """One stage's result, as Piston gives it."""
+
+    stdout: str
+    stderr: str
+    output: str = Field(description="both streams in the order they were read")
+    code: int | None
+    signal: str | None = Field(description="the signal that ended it, as SIGKILL")
+    message: str | None
+    status: Literal["TO", "RE", "SG", "OL", "EL", "XX"] | None = Field(
+        description="TO time limit, RE exit status, SG signal, OL/EL stdout/stderr too "
+        "long, XX internal error; null when it succeeded")
+    cpu_time: float | None = Field(description="milliseconds")
+    wall_time: float | None = Field(description="milliseconds")
+    memory: int | None = Field(description="peak bytes")
+
+
+class PistonResult(_Answer):
+    """An execute request's answer: the run, and the compile stage when there is one (a
+    failed compile is also the run)."""
+
+    language: str
+    version: str
+    compile: PistonStage | None = None
+    run: PistonStage
+
+
+class PistonRuntime(_Answer):
+    language: str
+    version: str
+    aliases: list[str]
+    runtime: str | None = None
+
+
+class PistonMessage(_Answer):
+    """Every error of the Piston-compatible API, as Piston shapes it."""
+
+    message: str
+
+
 # -- routes ----------------------------------------------------------------------------------
 
 Answers = dict[int, tuple[Any, str]]
@@ -238,10 +325,12 @@ Answers = dict[int, tuple[Any, str]]
 def documented(*, query: type[Query] | None = None, body: type[BaseModel] | None = None,
                partial: bool = False, answers: Answers,
                headers: dict[int, dict[str, str]] | None = None,
-               text: str | None = None) -> Callable[[F], F]:
+               text: str | None = None, piston: bool = False) -> Callable[[F], F]:
     """Document a route: its query model, its body (``partial``: the fields to replace, any
     of them null), its answers by status (a model and what it means), the headers of
-    some answers (name: description), or ``text``: a 200 answer of that media type."""
+    some answers (name: description), or ``text``: a 200 answer of that media type.
+    ``piston``: a route of the Piston-compatible API, whose 401 is Piston's shape and
+    which also takes the token alone in the Authorization header."""
 
     def decorate(func: F) -> F:
         if query is not None:
@@ -251,7 +340,7 @@ def documented(*, query: type[Query] | None = None, body: type[BaseModel] | None
         for status, (model, _) in answers.items():
             func = document_response(model, status)(func)
         setattr(func, _EXTRA, {"partial": partial, "answers": answers,
-                               "headers": headers or {}, "text": text})
+                               "headers": headers or {}, "text": text, "piston": piston})
         return func
 
     return decorate
@@ -306,7 +395,13 @@ class _Provider(OpenAPIProvider):
             if not operation.get("description"):
                 operation.pop("description", None)
             responses = operation["responses"]
-            if self._extension.security:
+            piston = extra is not None and extra["piston"]
+            if self._extension.security and piston:
+                responses[401] = {"description": "missing or wrong token", "content": {
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/PistonMessage"}}}}
+                operation["security"] = [*self._extension.security, {"piston_key": []}]
+            elif self._extension.security:
                 responses[401] = {
                     "description": "missing or wrong token",
                     "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
@@ -365,6 +460,8 @@ def install(app: Quart, *, token: bool) -> QuartSchema:
         security_schemes={
             "bearer": HttpSecurityScheme(scheme="bearer"),
             "query_token": APIKeySecurityScheme(name="token", in_="query"),
+            # Piston's clients send their key alone: its routes take it so.
+            "piston_key": APIKeySecurityScheme(name="Authorization", in_="header"),
         },
         security=security)
     # quart-schema wraps make_response to turn models returned by views into JSON: no

@@ -20,11 +20,13 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, request, websocket
 from semantic_version import NpmSpec, Version
+from werkzeug.exceptions import HTTPException
 
 from pool import Profile
 
 from .config import Config, RuntimeConfig
 from .function import Function
+from .openapi import PistonExecute, PistonMessage, PistonResult, PistonRuntime, documented
 from .scheduler import Conflict, NotFound, QueueFull, Scheduler
 from .spec import BadJSON, SpecError
 from .store import Record
@@ -333,12 +335,25 @@ def piston_api(scheduler: Scheduler, config: Config) -> Blueprint:
             after = function.id
         return answer
 
+    @api.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        return _reply({"message": exc.description or exc.name}, exc.code or 500)
+
     @api.get("/runtimes")
+    @documented(piston=True, answers={200: (list[PistonRuntime], "the runtimes configured")})
     async def list_runtimes() -> Response:
+        """Piston: the runtimes."""
         return _reply(runtimes.listing())
 
     @api.post("/execute")
+    @documented(piston=True, body=PistonExecute, answers={
+        200: (PistonResult, "every stage ran (whatever their status)"),
+        400: (PistonMessage, "refused, as Piston refuses it: the message says why"),
+        413: (PistonMessage, "the body is over max_body"),
+        415: (PistonMessage, "the body is not of type application/json"),
+        429: (PistonMessage, "too many functions are pending")})
     async def execute_route() -> Response:
+        """Piston: run code, its compile stage first when the runtime has one."""
         if not request.mimetype == "application/json":
             return _reply({"message": "requests must be of type application/json"}, 415)
         data = await request.get_data(cache=False, as_text=False)

@@ -441,8 +441,10 @@ class Spec(BaseModel):
                                           "from the pool's warm interpreter")
     # Limits of the command's own process: CPU seconds (then it is killed), and bytes of
     # address space. The container's profile binds whatever these allow.
-    cpu_limit: int | None = Field(None, ge=1, le=86400, strict=True)
-    memory_limit: int | None = Field(None, ge=MiB, le=1 << 50, strict=True)
+    cpu_limit: int | None = Field(None, ge=1, le=86400, strict=True,
+                                  description="CPU seconds of the command, then it is killed")
+    memory_limit: int | None = Field(None, ge=MiB, le=1 << 50, strict=True,
+                                     description="bytes of the command's address space")
     # Files to hand back once it ends (paths or globs in its working directory), and where
     # to POST its record then.
     outputs: Annotated[list[Output], Field(max_length=MAX_OUTPUTS)] = Field(
