@@ -87,6 +87,12 @@ async def test_metrics_count_a_known_workload(start_server, python_config, image
     assert value(samples, "ufaas_websocket_connections_opened_total") == 1
     assert value(samples, "ufaas_queue_length") == 0
     assert value(samples, "ufaas_functions_running") == 0
+    # Output files and callbacks: none in this workload, but their series are there.
+    for name in ("ufaas_output_files_bytes", "ufaas_output_files_cut_total",
+                 "ufaas_callbacks_sending", "ufaas_callbacks_delivered_total",
+                 "ufaas_callbacks_failed_total"):
+        assert value(samples, name) == 0 and name in samples, name
+    assert value(samples, "ufaas_output_files_max_bytes") > 0
 
     (pool,) = [p for p in pools if p["image"] == python]
     names = {"pool": pool["name"], "image": python}

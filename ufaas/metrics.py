@@ -157,6 +157,21 @@ class _Collected:
         yield GaugeMetricFamily("ufaas_url_cache_bytes", "Bytes held by the download cache",
                                 value=downloads.cached_bytes)
 
+        files = scheduler.files_store.statistics()
+        yield GaugeMetricFamily("ufaas_output_files_bytes", "Bytes of output files kept",
+                                value=files["bytes"])
+        yield GaugeMetricFamily("ufaas_output_files_max_bytes", "The budget of output files "
+                                "(files_max_bytes)", value=files["max_bytes"])
+        yield CounterMetricFamily("ufaas_output_files_cut", "Functions whose output files "
+                                  "the budget cut", value=files["cut_by_budget"])
+        sent = scheduler.callbacks.statistics()
+        yield GaugeMetricFamily("ufaas_callbacks_sending", "Callbacks being sent",
+                                value=sent["sending"])
+        yield CounterMetricFamily("ufaas_callbacks_delivered", "Callbacks delivered",
+                                  value=sent["delivered"])
+        yield CounterMetricFamily("ufaas_callbacks_failed", "Callbacks given up after "
+                                  "callback_attempts", value=sent["failed"])
+
         hub = scheduler.hub
         yield GaugeMetricFamily("ufaas_websocket_connections", "WebSocket clients connected",
                                 value=hub.watching)
