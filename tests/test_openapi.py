@@ -4,6 +4,7 @@ breaks it."""
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import httpx
@@ -56,7 +57,7 @@ async def test_every_route_is_documented():
     for rule in app.url_map.iter_rules():
         if rule.websocket or rule.endpoint in PUBLIC | {"openapi"}:
             continue
-        path = rule.rule.replace("<fid>", "{fid}")
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             operation = doc["paths"][path][method.lower()]
             assert operation["summary"], (method, path)
@@ -96,10 +97,16 @@ def test_a_record_is_what_the_document_says():
                     max_file_bytes=1024, max_total_bytes=4096)
     spec = parse_spec({"image": "ufaas-test/python", "command": ["cat", "a"], "stdin": "x",
                        "resources": [{"path": "a", "text": "hi"},
-                                     {"path": "b", "url": "https://example.org/b"}]}, limits)
+                                     {"path": "b", "url": "https://example.org/b"}],
+                       "outputs": ["out/*.txt"],
+                       "callback": {"url": "https://example.org/hook",
+                                    "headers": {"X-Secret": "s"}}}, limits)
     record = Record(id=str(uuid.uuid4()), spec=spec.summary(), status="succeeded",
                     container="0" * 64, exit_code=0, started_at=1.0, finished_at=2.0,
-                    duration_ms=3.5, forked=True, cpu_ms=1.0, max_rss=1 << 20)
+                    duration_ms=3.5, forked=True, cpu_ms=1.0, max_rss=1 << 20,
+                    files=[{"path": "out/a.txt", "size": 2, "sha256": "0" * 64,
+                            "truncated": False}], files_truncated=True, files_error="disk",
+                    callback={"status": "failed", "attempts": 8, "last_error": "HTTP 500"})
     for shown in (record.public(), Record(id="x", spec={"image": None, "command": "true"})
                   .public()):
         RecordView.model_validate(shown, context=limits)
@@ -141,7 +148,7 @@ def test_schemathesis_finds_nothing(fuzzed_server, images):
         return case
 
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 12
+    assert len(operations) == 14
     failures = []
     answers: dict[str, set[int]] = {}
     with httpx.Client(base_url=fuzzed_server, headers=auth, timeout=60) as client:

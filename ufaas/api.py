@@ -152,6 +152,11 @@ BAD_BODY = {400: (ERROR, "the body is not JSON, or a query parameter is refused"
             422: (ERROR, "the spec fails validation: the message names the field; detail "
                   "lists the problems")}
 LOCATION = {"Location": "the record's path, /fn/{id}"}
+FILES_ERRORS: dict[int, tuple[Any, str]] = {
+    404: (ERROR, "no function has that id, it asked for no output files, or has none of "
+          "that path"),
+    409: (ERROR, "it has not finished: its files are collected when it ends"),
+    410: (ERROR, "its files were removed, past files_retention")}
 
 
 def create_app(scheduler: Scheduler, config: Config,
@@ -320,14 +325,24 @@ def create_app(scheduler: Scheduler, config: Config,
         return record.files or []  # none when it never ran
 
     @app.get("/fn/<fid>/files")
+    @documented(answers=FILES_ERRORS, text=("application/x-tar", "every output file kept"),
+                headers={200: {"Content-Length": "bytes",
+                               "Content-Disposition": "attachment; filename=ID.tar"}})
     async def function_files(fid: str) -> Response:
+        """A finished function's output files, as one tar archive."""
         length, stream = await scheduler.files_store.tar(fid, kept_files(fid))
         return Response(stream, content_type="application/x-tar", headers={
             "Content-Length": str(length),
             "Content-Disposition": f'attachment; filename="{fid}.tar"'})
 
     @app.get("/fn/<fid>/files/<path:path>")
+    @documented(answers=FILES_ERRORS, text=("*/*", "the file, of the type its name says "
+                                            "(application/octet-stream when it says none)"),
+                headers={200: {"Content-Length": "bytes",
+                               "Content-Security-Policy": "sandbox: a page it holds runs "
+                               "in an origin of its own"}})
     async def function_file(fid: str, path: str) -> Response:
+        """One output file of a finished function."""
         files = kept_files(fid)
         index = next((i for i, f in enumerate(files) if f["path"] == path), None)
         if index is None:
@@ -405,7 +420,7 @@ def create_app(scheduler: Scheduler, config: Config,
         return reply([vars(s) for s in scheduler.hub.statistics()])
 
     @app.get("/metrics")
-    @documented(answers={}, text=METRICS_TYPE)
+    @documented(answers={}, text=(METRICS_TYPE, "the metrics"))
     async def metrics_text() -> Response:
         """Metrics in the Prometheus text format."""
         return Response(metrics.exposition(), content_type=METRICS_TYPE)

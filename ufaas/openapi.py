@@ -9,6 +9,7 @@ against the document sees any drift.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -160,6 +161,11 @@ class StdinSummary(_Answer):
     sha256: str
 
 
+class CallbackSummary(_Answer):
+    url: str
+    headers: list[str] = Field(description="their names: values may be secrets")
+
+
 class SpecSummary(_Answer):
     """A spec as records show it: content described by its size and sha256."""
 
@@ -173,6 +179,22 @@ class SpecSummary(_Answer):
     stdin: StdinSummary | None = None
     cpu_limit: int | None = None
     memory_limit: int | None = None
+    outputs: list[str] | None = Field(None, description="only when some were asked for")
+    callback: CallbackSummary | None = Field(None, description="only when one was asked "
+                                             "for")
+
+
+class OutputFile(_Answer):
+    path: str
+    size: int
+    sha256: str
+    truncated: bool = Field(description="cut at output_max_file or the budget")
+
+
+class CallbackState(_Answer):
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_error: str | None
 
 
 class RecordView(_Answer):
@@ -199,6 +221,12 @@ class RecordView(_Answer):
     error: str | None
     stdout: str
     stderr: str
+    files: list[OutputFile] | None = Field(None, description="the output files kept, "
+                                           "when the spec asked for some")
+    files_truncated: bool | None = Field(None, description="some were left out (caps)")
+    files_error: str | None = Field(None, description="why collecting them failed")
+    callback: CallbackState | None = Field(None, description="its delivery, when the spec "
+                                           "has one")
 
 
 class ZygoteView(_Answer):
@@ -325,10 +353,12 @@ Answers = dict[int, tuple[Any, str]]
 def documented(*, query: type[Query] | None = None, body: type[BaseModel] | None = None,
                partial: bool = False, answers: Answers,
                headers: dict[int, dict[str, str]] | None = None,
-               text: str | None = None, piston: bool = False) -> Callable[[F], F]:
+               text: tuple[str, str] | None = None, piston: bool = False
+               ) -> Callable[[F], F]:
     """Document a route: its query model, its body (``partial``: the fields to replace, any
     of them null), its answers by status (a model and what it means), the headers of
-    some answers (name: description), or ``text``: a 200 answer of that media type.
+    some answers (name: description), or ``text``: a 200 answer that is no JSON (its
+    media type, and what it is).
     ``piston``: a route of the Piston-compatible API, whose 401 is Piston's shape and
     which also takes the token alone in the Authorization header."""
 
@@ -390,6 +420,9 @@ class _Provider(OpenAPIProvider):
 
     def build_paths(self, rule: Rule) -> tuple[dict, dict]:
         paths, components = super().build_paths(rule)
+        # quart-schema's own pattern reads "/fn/<fid>/files/<path:path>" as one parameter.
+        path = _PARAMETER.sub(r"{\1}", rule.rule)
+        paths = {path: next(iter(paths.values()))}
         extra = getattr(self._app.view_functions[rule.endpoint], _EXTRA, None)
         for operation in next(iter(paths.values())).values():
             if not operation.get("description"):
@@ -417,14 +450,24 @@ class _Provider(OpenAPIProvider):
                         name: {"description": text, "schema": {"type": "string"}}
                         for name, text in names.items()}
             if extra["text"]:
-                responses[200] = {"description": "the metrics", "content": {
-                    extra["text"]: {"schema": {"type": "string"}}}}
+                media, meaning = extra["text"]
+                schema = {"type": "string"} if media.startswith("text/") else {}
+                responses[200] = {"description": meaning, "content": {
+                    media: {"schema": schema}}}
+                names = extra["headers"].get(200, {})
+                if names:
+                    responses[200]["headers"] = {
+                        name: {"description": text, "schema": {"type": "string"}}
+                        for name, text in names.items()}
             if extra["partial"]:
                 content = operation["requestBody"]["content"]["application/json"]
                 name = content["schema"]["$ref"].rsplit("/", 1)[1]
                 components[f"{name}Update"] = _partial(components[name])
                 content["schema"] = {"$ref": f"#/components/schemas/{name}Update"}
         return paths, components
+
+
+_PARAMETER = re.compile(r"<(?:[^:<>]*:)?([^<>]+)>")
 
 
 def _named(schema: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any]:
