@@ -101,6 +101,19 @@ async def test_python_runs_forked_with_args_stdin_and_measures(client):
     assert records[0]["spec"]["command"] == ["python3", "main", "a", "b c"]
 
 
+async def test_one_connection_serves_many_executes(server):
+    """Piston clients reuse their connection: an answer must not close it."""
+    async with httpx.AsyncClient(base_url=server, timeout=CAP) as c:
+        answers = [await c.post("/api/v2/execute", json={
+            "language": "sh", "version": "*", "files": [{"content": "echo hi"}]})
+            for _ in range(3)]
+        pool = c._transport._pool  # httpx's connection pool: one connection, kept open
+        connections = list(pool.connections)
+    assert all(a.status_code == 200 and a.json()["run"]["stdout"] == "hi\n" for a in answers)
+    assert all(a.headers.get("connection") != "close" for a in answers)
+    assert len(connections) == 1
+
+
 async def test_sh_through_plain_exec(client):
     with trio.fail_after(CAP):
         got = await execute(client, "shell", [{"content": 'echo "$0" "$@"; read x; echo "$x"'}],

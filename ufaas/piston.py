@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from quart import Blueprint, Response, request, websocket
+from quart import Blueprint, Response, g, request, websocket
 from semantic_version import NpmSpec, Version
 from werkzeug.exceptions import HTTPException
 
@@ -357,6 +357,7 @@ def piston_api(scheduler: Scheduler, config: Config) -> Blueprint:
         if not request.mimetype == "application/json":
             return _reply({"message": "requests must be of type application/json"}, 415)
         data = await request.get_data(cache=False, as_text=False)
+        g.body_read = True  # else the answer closes the connection (api.close_if_body_unread)
         try:
             job = runtimes.job(json.loads(data))
             return _reply(await execute(job))
