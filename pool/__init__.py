@@ -20,7 +20,7 @@ from ._pool import (
     Pools,
     PoolStatistics,
 )
-from ._runner import WORKDIR_ROOT, OnFile
+from ._runner import WORKDIR_ROOT, OnFile, Output
 from ._types import (
     DEFAULT_OUTPUT_CAP,
     BadFile,
@@ -43,7 +43,7 @@ __all__ = [
     "DEFAULT_MIN_IDLE",
     "DEFAULT_OUTPUT_CAP", "WORKDIR_ROOT", "BadFile", "Container", "ContainerInfo", "Engine",
     "EngineError", "File", "ImageMissing", "Job", "Lease", "LeaseTimeout", "MiB", "OnFile",
-    "OutputFile", "Outputs", "Place", "Pool", "PoolClosed", "PoolError", "PoolStatistics",
-    "Pools", "Profile", "Result", "check_files", "check_path", "check_pattern", "check_tree",
-    "output_matches",
+    "Output", "OutputFile", "Outputs", "Place", "Pool", "PoolClosed", "PoolError",
+    "PoolStatistics", "Pools", "Profile", "Result", "check_files", "check_path",
+    "check_pattern", "check_tree", "output_matches",
 ]

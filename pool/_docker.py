@@ -11,7 +11,7 @@ import functools
 import os
 import struct
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ T = TypeVar("T")
 DEFAULT_THREADS = 8
 DEFAULT_CALL_TIMEOUT = 30.0
 DEFAULT_PULL_TIMEOUT = 600.0
+IMAGE_CHUNK = 1 << 20
 _FRAME = struct.Struct(">BxxxI")
 # The engine cuts a stream into frames of at most 32 KiB; anything bigger is not from it.
 MAX_FRAME = 1 << 20
@@ -139,10 +140,14 @@ class Engine:
     async def has_init(self) -> bool:
         """Whether the engine can run ``--init`` (tini reaps orphans as PID 1)."""
         if self._init_binary is None:
-            api = await self.api()
-            info = await self.call(api.info)
+            info = await self.info()
             self._init_binary = bool(info.get("InitBinary"))
         return self._init_binary
+
+    async def info(self) -> dict[str, Any]:
+        """What ``docker info`` shows: the engine's name, its swarm, its resources."""
+        api = await self.api()
+        return await self.call(api.info)
 
     # -- containers -----------------------------------------------------------------------
 
@@ -219,13 +224,16 @@ class Engine:
             raise
         return cid, stream
 
-    async def image_id(self, image: str) -> str:
+    async def image_id(self, image: str, *, pull: bool = True) -> str:
         """The ID of ``image`` (any spelling: a name, a tag, a digest, an ID or a prefix of
-        one), pulled first when the engine lacks it; raise ImageMissing."""
+        one), pulled first when the engine lacks it (unless not ``pull``); raise
+        ImageMissing."""
         api = await self.api()
         try:
             return str((await self.call(api.inspect_image, image))["Id"])
         except ImageMissing:
+            if not pull:
+                raise
             await self.pull(image)
             return str((await self.call(api.inspect_image, image))["Id"])
 
@@ -236,6 +244,42 @@ class Engine:
             await self.call(client.images.pull, repo, tag or "latest", timeout=self.pull_timeout)
         except EngineError as exc:
             raise ImageMissing(f"image {image!r} is not available: {exc}") from exc
+
+    async def export_image(self, image: str, chunk: int = IMAGE_CHUNK
+                           ) -> AsyncIterator[bytes]:
+        """``docker save`` of one image, as chunks of at most ``chunk`` bytes; each chunk
+        has the deadline of one call."""
+        api = await self.api()
+        chunks = await self.call(api.get_image, image, chunk)
+        try:
+            while (data := await self.call(next, chunks, None)) is not None:
+                yield data
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(chunks.close, abandon_on_cancel=True)
+
+    async def import_image(self, chunks: trio.abc.ReceiveChannel[bytes]) -> list[str]:
+        """``docker load`` of the tar whose chunks ``chunks`` yields, within
+        ``pull_timeout``; return what the engine says it loaded."""
+        api = await self.api()
+
+        def body() -> Iterator[bytes]:  # read in the worker thread, from trio
+            while True:
+                try:
+                    yield trio.from_thread.run(chunks.receive)
+                except trio.EndOfChannel:
+                    return
+
+        def load() -> list[str]:
+            said = []
+            for event in api.load_image(body()):
+                if isinstance(event, dict) and event.get("error"):
+                    raise docker.errors.DockerException(event["error"])
+                if isinstance(event, dict) and event.get("stream"):
+                    said.append(str(event["stream"]).strip())
+            return said
+
+        return await self.call(load, timeout=self.pull_timeout)
 
     async def remove(self, cid: str, timeout: float = 10.0) -> None:
         """Force-remove a container; a container already gone is not an error."""

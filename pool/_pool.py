@@ -137,7 +137,7 @@ class Lease:
 
     @property
     def place(self) -> Place:
-        return Place(self.container.id, self.workdir)
+        return Place(self.container.id, self.workdir, self.pool.node)
 
     def release(self) -> None:
         """Give the container back (or have it replaced when ``discard`` or tainted); only
@@ -250,15 +250,18 @@ class Pool:
         budget: Budget | None = None,
         configured: bool = True,
         reference: str | None = None,
+        node: str | None = None,
     ) -> None:
         """``budget`` caps this pool's containers together with other pools'; a pool not
         ``configured`` gives up its containers first when room is needed. ``reference``
-        is how the image was named (``image`` may be its ID)."""
+        is how the image was named (``image`` may be its ID). ``node`` names the machine,
+        in a cluster: the places of its leases carry it."""
         if max < 1 or min_idle < 0 or min_idle > max:
             raise ValueError("need 0 <= min_idle <= max and max >= 1")
         self.engine = engine
         self.image = image
         self.reference = reference or image
+        self.node = node
         self.budget = budget
         self.configured = configured
         self.last_leased = time.monotonic()
@@ -371,6 +374,10 @@ class Pool:
     def container(self, cid: str) -> Container | None:
         return self._containers.get(cid)
 
+    def container_ids(self) -> list[str]:
+        """The containers in service."""
+        return [c.id for c in self._containers.values() if c.state != "dead"]
+
     def alive(self, cid: str) -> bool:
         """Whether container ``cid`` is ours and in service."""
         c = self._containers.get(cid)
@@ -399,16 +406,23 @@ class Pool:
         ``timeout`` seconds for a container, then raises LeaseTimeout; the time the block
         takes once it has one is the caller's.
         """
+        lease = await self.acquire(near, strict=strict, timeout=timeout)
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    async def acquire(self, near: Place | None = None, *, strict: bool = False,
+                      timeout: float = math.inf) -> Lease:
+        """What :meth:`lease` holds, for a caller whose lease outlives a block: it must
+        ``release()`` it."""
         lease = self.claim(near)
         if lease is None:
             with trio.move_on_after(timeout):
                 lease = await self._acquire(near, strict)
             if lease is None:  # the deadline struck while it waited
                 raise LeaseTimeout(f"no container became free within {timeout:g} s")
-        try:
-            yield lease
-        finally:
-            lease.release()
+        return lease
 
     def claim(self, near: Place | None = None) -> Lease | None:
         """A lease at once, without waiting, or None: on ``near``'s container if it is idle
@@ -712,12 +726,14 @@ class Pools:
         instance: str | None = None,
         labels: Mapping[str, str] | None = None,
         max_containers: int = DEFAULT_MAX_CONTAINERS,
+        node: str | None = None,
         **defaults: Any,
     ) -> None:
         """``defaults`` are :class:`Pool` settings (``min_idle``, ``max``, ``idle_ttl``...)
         for every pool that :meth:`add` is not given them for; the rest keep Pool's own.
-        All pools together have at most ``max_containers``."""
+        All pools together have at most ``max_containers``. ``node``: see :class:`Pool`."""
         self.engine = engine
+        self.node = node
         self.home = home
         self.instance = instance or uuid.uuid4().hex[:12]
         self.labels = {**(labels or {}), "ufaas.home": home}
@@ -778,7 +794,8 @@ class Pools:
                 options = {**self.defaults, **settings}
                 pool = Pool(self.engine, key[0], profile, name=pool_name(image, profile),
                             instance=self.instance, labels=self.labels, budget=self.budget,
-                            configured=configured, reference=image, **options)
+                            configured=configured, reference=image, node=self.node,
+                            **options)
                 self._pools[key] = await self._nursery.start(pool.serve)
             finally:
                 del self._starting[key]

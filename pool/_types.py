@@ -161,10 +161,12 @@ class Job:
 
 @dataclass(frozen=True)
 class Place:
-    """Where a function ran: its container and working directory, for a locality follow-up."""
+    """Where a function ran: its container and working directory, for a locality follow-up;
+    in a cluster, also the node of that container."""
 
     container: str
     workdir: str
+    node: str | None = None
 
 
 @dataclass
