@@ -1,0 +1,141 @@
+"""The front-node protocol's messages, without a transport: values travel whole (bytes
+too), fields added to the pool's dataclasses travel unchanged, and anything a peer could
+send to break it is refused before it is used."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+
+import pytest
+import trio
+
+from pool import File, Job, Place, PoolStatistics, Profile, Result
+from ufaas import wire
+
+
+def roundtrip(value):
+    parts: list[bytes] = []
+    header = {"op": "x", "v": wire.encode(value, parts)}
+    got, got_parts = wire.unpack(wire.pack(header, parts))
+    return wire.decode(got["v"], got_parts)
+
+
+def test_a_job_travels_whole():
+    job = Job(["python3", "main.py"], files=[File("main.py", b"print(1)\n", 0o755),
+                                             File("data.bin", bytes(range(256))),
+                                             File("empty", b"")],
+              env={"$b": "not a tag", "$m": "nor this", "K": "é"}, stdin=b"\x00\xff",
+              timeout=math.inf, output_cap=12345, id="f1", fresh=True)
+    assert roundtrip(job) == job
+
+
+def test_a_result_and_what_nodes_report_travel_whole():
+    result = Result("exited", exit_code=3, signal=None, duration_ms=1.5, stdout=b"\xfe",
+                    truncated=True, place=Place("c" * 64, "w1", "node-a"), forked=True,
+                    max_rss=1 << 40)
+    assert roundtrip(result) == result
+    profile = Profile(memory=64 << 20, preload=("json", "re"))
+    assert roundtrip(profile) == profile and isinstance(roundtrip(profile).preload, tuple)
+    stats = PoolStatistics("sha256:x", "img", "agent", 1, 2, 0, 3, 0, 5, 0, None,
+                           zygote={"failed": {"m": "why"}, "ready": 1})
+    assert roundtrip({"pools": [stats], "n": (1, [2])}) == {"pools": [stats], "n": (1, [2])}
+
+
+def test_a_field_added_later_travels_and_changes_the_schema(monkeypatch):
+    @dataclasses.dataclass
+    class Later:
+        a: int
+        blob: bytes = b""
+        nested: Place | None = None
+
+    before = wire.schema(dict(wire.TYPES))
+    monkeypatch.setitem(wire.TYPES, "Later", Later)
+    value = Later(1, b"\x00" * 70000, Place("c", "w"))
+    assert roundtrip(value) == value
+    assert wire.schema(wire.TYPES) != before
+
+
+def test_the_handshake_says_what_differs():
+    ours = wire.speaks()
+    assert wire.mismatch(ours, ours, we="node", they="front") is None
+    other = f"{wire.PROTOCOL + 1} {wire.SCHEMA} 9.9"
+    said = wire.mismatch(ours, other, we="node", they="front")
+    assert said is not None and "version mismatch" in said
+    assert f"the front protocol {wire.PROTOCOL + 1}" in said and "ufaas 9.9" in said
+    newer_fields = wire.mismatch(ours, f"{wire.PROTOCOL} abcdef012345 0.1.0", we="front",
+                                 they="node")
+    assert newer_fields is not None and "schema abcdef012345" in newer_fields
+    assert "unknown protocol" in (wire.mismatch(ours, "", we="node", they="front") or "")
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x00\x00", "text", struct.pack(">I", 100) + b"{}",
+    struct.pack(">I", 2) + b"{}", struct.pack(">I", 4) + b"[1,]",
+    struct.pack(">I", 11) + b'{"op":"x"}' + b"extra",
+    struct.pack(">I", 24) + b'{"op":"x","parts":[-1] }',
+], ids=["empty", "short", "text", "header-beyond", "no-op", "not-json", "unclaimed-bytes",
+        "negative-part"])
+def test_malformed_messages_are_refused(data):
+    with pytest.raises(wire.WireError):
+        wire.unpack(data)
+
+
+@pytest.mark.parametrize("value", [
+    {"$d": "Engine", "v": {}}, {"$d": "Job", "v": {"argv": [], "rootkit": 1}},
+    {"$d": "Profile", "v": {"memory": 1}}, {"$b": 5}, {"$b": "0"}, {"plain": "dict"},
+    {"$d": "Job"}, {"$t": 1},
+], ids=["unknown-type", "unknown-field", "profile-that-cannot-be", "missing-part",
+        "odd-part", "untagged", "no-fields", "bad-tuple"])
+def test_values_no_end_would_send_are_refused(value):
+    with pytest.raises(wire.WireError):
+        wire.decode(value, [b"only one"])
+
+
+def test_nesting_past_the_recursion_limit_is_refused():
+    value: object = []
+    for _ in range(5000):
+        value = [value]
+    with pytest.raises(wire.WireError):
+        wire.decode(value, [])
+    head = ("[" * 100000 + "]" * 100000).encode()
+    with pytest.raises(wire.WireError):
+        wire.unpack(struct.pack(">I", len(head)) + head)
+
+
+def test_only_the_protocols_types_are_sent():
+    @dataclasses.dataclass
+    class Secret:
+        key: str
+
+    with pytest.raises(TypeError):
+        wire.encode(Secret("x"), [])
+    with pytest.raises(TypeError):
+        wire.encode({1: "int key"}, [])
+    with pytest.raises(TypeError):
+        wire.encode(object(), [])
+
+
+async def test_a_window_bounds_what_the_receiver_holds():
+    acked: list[int] = []
+    inbox = wire.Inbox(10, acked.append)
+    inbox.put(b"12345")
+    inbox.put(b"67890")
+    with pytest.raises(wire.WireError):
+        inbox.put(b"x")  # the sender did not wait for room
+    assert await inbox.receive() == b"12345" and acked == [5]
+    inbox.put(b"abc")
+    inbox.end()
+    assert [chunk async for chunk in inbox] == [b"67890", b"abc"]
+
+    credit = wire.Credit(10)
+    await credit.take(8)
+    with trio.move_on_after(0.05) as waited:
+        await credit.take(8)
+    assert waited.cancelled_caught  # no room until the receiver says so
+    credit.give(8)
+    with trio.fail_after(1):
+        await credit.take(8)
+    with pytest.raises(wire.WireError):
+        credit.give(9)  # more than was ever sent

@@ -1,0 +1,245 @@
+"""The messages between a front and its nodes, and nothing of their transport: one
+WebSocket message is a JSON header and the binary parts it refers to.
+
+Values are encoded generically: the pool's dataclasses (Job, Result and the ones inside
+them) field by field, bytes as binary parts, so a field added to one of them travels
+without a change here. Both ends must agree on those fields: :data:`SCHEMA` is their
+fingerprint, checked with :data:`PROTOCOL` when a front connects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+from typing import Any
+
+import trio
+
+from pool import File, Job, Place, PoolStatistics, Profile, Result
+
+from . import __version__
+
+PROTOCOL = 1
+_HEAD = struct.Struct(">I")
+# Dataclasses that may travel, by name: a peer cannot make anything else.
+TYPES: dict[str, type] = {cls.__name__: cls for cls in (Job, Result, File, Place, Profile,
+                                                      PoolStatistics)}
+
+
+def schema(types: dict[str, type]) -> str:
+    """A fingerprint of the fields of ``types``: ends whose dataclasses differ differ."""
+    return hashlib.sha256(json.dumps(
+        {name: [f.name for f in dataclasses.fields(cls)] for name, cls in sorted(types.items())}
+    ).encode()).hexdigest()[:12]
+
+
+SCHEMA = schema(TYPES)
+# Headers of the WebSocket handshake: the front's token and what it speaks.
+TOKEN_HEADER = "authorization"
+PROTOCOL_HEADER = "ufaas-protocol"
+FRONT_HEADER = "ufaas-front"
+
+
+class WireError(Exception):
+    """A message that breaks the protocol: whoever sent it is not to be trusted further."""
+
+
+def speaks() -> str:
+    """What this end speaks, as the handshake carries it."""
+    return f"{PROTOCOL} {SCHEMA} {__version__}"
+
+
+def mismatch(ours: str, theirs: str, *, we: str, they: str) -> str | None:
+    """Why two ends cannot talk (None when they can), as a sentence for both logs: ``we``
+    and ``they`` name the ends (``node``, ``front``)."""
+    mine, other = ours.split(" "), (theirs or "?").split(" ")
+    if mine[:2] == other[:2]:
+        return None
+
+    def said(parts: list[str]) -> str:
+        if len(parts) != 3:
+            return f"an unknown protocol ({' '.join(parts)[:60]!r})"
+        return f"protocol {parts[0]} (schema {parts[1]}, ufaas {parts[2]})"
+    return (f"version mismatch: the {we} speaks {said(mine)}, the {they} {said(other)}; "
+            "run the same ufaas on the front and its nodes")
+
+
+def pack(header: dict[str, Any], parts: list[bytes] | None = None) -> bytes:
+    """One message: ``header`` (its ``parts`` entry added) and the parts after it."""
+    parts = parts or []
+    header["parts"] = [len(p) for p in parts]
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([_HEAD.pack(len(head)), head, *parts])
+
+
+def unpack(message: bytes | str) -> tuple[dict[str, Any], list[bytes]]:
+    """The header and parts of a message, or WireError. The message's size was capped by
+    the transport; every length in it is checked against what arrived before use."""
+    if not isinstance(message, bytes) or len(message) < _HEAD.size:
+        raise WireError("not a binary message of this protocol")
+    (size,) = _HEAD.unpack_from(message)
+    if size > len(message) - _HEAD.size:
+        raise WireError(f"a header of {size} bytes in a message of {len(message)}")
+    try:
+        header = json.loads(message[_HEAD.size:_HEAD.size + size])
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"a header that is not JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("op"), str):
+        raise WireError("a header without an op")
+    sizes = header.get("parts", [])
+    offset = _HEAD.size + size
+    if (not isinstance(sizes, list) or not all(isinstance(n, int) and n >= 0 for n in sizes)
+            or sum(sizes) != len(message) - offset):
+        raise WireError("parts that do not add up to the message")
+    parts = []
+    for n in sizes:
+        parts.append(message[offset:offset + n])
+        offset += n
+    return header, parts
+
+
+def encode(value: Any, parts: list[bytes]) -> Any:
+    """``value`` as JSON, its bytes appended to ``parts``. Tags keep every kind apart:
+    ``$b`` bytes, ``$d`` a dataclass, ``$t`` a tuple, ``$m`` a dict (whose keys are then
+    never mistaken for tags)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        parts.append(bytes(value))
+        return {"$b": len(parts) - 1}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        name = type(value).__name__
+        if TYPES.get(name) is not type(value):
+            raise TypeError(f"{name} is not a type of the protocol")
+        return {"$d": name, "v": {f.name: encode(getattr(value, f.name), parts)
+                                  for f in dataclasses.fields(value)}}
+    if isinstance(value, list):
+        return [encode(v, parts) for v in value]
+    if isinstance(value, tuple):
+        return {"$t": [encode(v, parts) for v in value]}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError("only string keys travel")
+        return {"$m": {k: encode(v, parts) for k, v in value.items()}}
+    raise TypeError(f"a {type(value).__name__} does not travel")
+
+
+def decode(value: Any, parts: list[bytes]) -> Any:
+    """The inverse of :func:`encode`; WireError for anything it would not have made."""
+    try:
+        return _decode(value, parts)
+    except RecursionError:
+        raise WireError("a value nested too deep") from None
+
+
+def _decode(value: Any, parts: list[bytes]) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list):
+        return [_decode(v, parts) for v in value]
+    if not isinstance(value, dict) or len(value) not in (1, 2):
+        raise WireError("an untagged object")
+    if "$b" in value:
+        index = value["$b"]
+        if not isinstance(index, int) or not 0 <= index < len(parts):
+            raise WireError("a reference to a part that is not there")
+        return parts[index]
+    if "$t" in value and isinstance(value["$t"], list):
+        return tuple(_decode(v, parts) for v in value["$t"])
+    if "$m" in value and isinstance(value["$m"], dict):
+        return {k: _decode(v, parts) for k, v in value["$m"].items()}
+    cls = TYPES.get(value.get("$d", ""))
+    fields = value.get("v")
+    if cls is None or not isinstance(fields, dict):
+        raise WireError(f"an object of no type of the protocol ({str(value)[:60]})")
+    known = {f.name for f in dataclasses.fields(cls)}
+    if not set(fields) <= known:
+        raise WireError(f"{cls.__name__} fields unknown here: {sorted(set(fields) - known)}")
+    try:
+        return cls(**{k: _decode(v, parts) for k, v in fields.items()})
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"a {cls.__name__} that does not hold: {exc}") from None
+
+
+def message(op: str, fields: dict[str, Any] | None = None, **plain: Any) -> bytes:
+    """A message whose ``fields`` are encoded (dataclasses, bytes...) and whose ``plain``
+    keywords go in the header as they are."""
+    parts: list[bytes] = []
+    header: dict[str, Any] = {"op": op, **plain}
+    if fields:
+        header["v"] = {k: encode(v, parts) for k, v in fields.items()}
+    return pack(header, parts)
+
+
+def fields_of(header: dict[str, Any], parts: list[bytes]) -> dict[str, Any]:
+    """The decoded ``fields`` of a message made by :func:`message`."""
+    encoded = header.get("v", {})
+    if not isinstance(encoded, dict):
+        raise WireError("fields that are not an object")
+    return {k: decode(v, parts) for k, v in encoded.items()}
+
+
+class Credit:
+    """The sender's side of a window: at most ``window`` bytes sent and not yet
+    acknowledged, so that the receiver never holds more than that."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.in_flight = 0
+        self._room = trio.lowlevel.ParkingLot()
+
+    async def take(self, size: int) -> None:
+        """Wait until ``size`` more bytes fit (a chunk alone always fits)."""
+        while self.in_flight and self.in_flight + size > self.window:
+            await self._room.park()
+        self.in_flight += size
+
+    def give(self, size: object) -> None:
+        """The receiver has consumed ``size`` bytes; WireError for more than was sent."""
+        if not isinstance(size, int) or not 0 <= size <= self.in_flight:
+            raise WireError(f"an acknowledgement of {size} bytes, {self.in_flight} in flight")
+        self.in_flight -= size
+        self._room.unpark_all()
+
+    def close(self) -> None:
+        """The stream is over: nobody waits for room any more."""
+        self.in_flight = 0
+        self._room.unpark_all()
+
+
+class Inbox(trio.abc.ReceiveChannel[bytes]):
+    """The receiver's side of a window: chunks queued until read, refused past
+    ``window`` bytes (the sender broke the window); ``consumed(size)`` is called as each
+    is read, to acknowledge it."""
+
+    def __init__(self, window: int, consumed: Any) -> None:
+        self.window = window
+        self.queued = 0
+        self.error: str | None = None  # why it ended early, if it did
+        self._consumed = consumed
+        self._send, self._receive = trio.open_memory_channel[bytes](float("inf"))
+
+    def put(self, data: bytes) -> None:
+        if self.queued + len(data) > self.window:
+            raise WireError(f"{self.queued + len(data)} bytes sent past a window of "
+                            f"{self.window}")
+        self.queued += len(data)
+        try:
+            self._send.send_nowait(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the reader has gone: what comes after is dropped
+
+    def end(self, error: str | None = None) -> None:
+        self.error = self.error or error
+        self._send.close()
+
+    async def receive(self) -> bytes:
+        data = await self._receive.receive()
+        self.queued -= len(data)
+        self._consumed(len(data))
+        return data
+
+    async def aclose(self) -> None:
+        await self._receive.aclose()
