@@ -16,6 +16,7 @@ import uuid
 
 import docker
 import pytest
+import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
 import images as test_images  # noqa: E402  (tests/images.py, not a package)
@@ -158,3 +159,49 @@ def module_labels(docker_client):
     module_id = f"m-{uuid.uuid4().hex[:8]}"
     yield {TEST_LABEL: module_id}
     remove_containers_of(docker_client, module_id)
+
+
+NODE_TOKEN = "node-token-for-tests"
+# Short beats, so that a lost peer is noticed within a test's patience.
+NODE_BEATS = {"heartbeat": 0.5, "node_timeout": 3.0}
+
+
+async def _serve_node(scope, node, *, task_status):
+    with scope:
+        await node.serve(task_status=task_status)
+
+
+@pytest.fixture
+async def start_node(nursery, test_labels, images):
+    """Starts a real ``ufaas node`` (its NodeServer) on 127.0.0.1 in the test's nursery, on
+    the local engine; returns its URL, and ``stop()``, which ends it as a crash would (its
+    connections drop, its containers go)."""
+    from ufaas.config import Config
+    from ufaas.node import NodeServer
+
+    async def start(name, *, token=NODE_TOKEN, speaks_as=None, port=0, **settings):
+        cluster = {"listen": "127.0.0.1", "node_port": port, "token": token, "name": name,
+                   **NODE_BEATS, **settings.pop("cluster", {})}
+        config = Config.load(None, environ={}, cluster=cluster, **settings)
+        node = NodeServer(config, speaks_as=speaks_as, labels=test_labels)
+        scope = trio.CancelScope()
+        port = await nursery.start(_serve_node, scope, node)
+        return types.SimpleNamespace(url=f"ws://127.0.0.1:{port}", port=port, node=node,
+                                     stop=scope.cancel)
+
+    return start
+
+
+@pytest.fixture
+def front_config(make_config, images):
+    """make_config for a front whose nodes are ``nodes`` (URLs), remote only unless
+    ``local`` is given, with a python pool (min_idle 1, max 2 per node) unless told."""
+    from ufaas.config import PoolConfig
+
+    def make(nodes, *, local=False, token=NODE_TOKEN, **kw):
+        kw.setdefault("pools", [PoolConfig(image=images.python, min_idle=1, max=2)])
+        cluster = {"nodes": list(nodes), "token": token, "local": local, **NODE_BEATS,
+                   **kw.pop("cluster", {})}
+        return make_config(cluster=cluster, **kw)
+
+    return make

@@ -14,7 +14,7 @@ import pytest
 
 import pool
 import ufaas
-from ufaas.config import Config, PoolConfig
+from ufaas.config import ClusterConfig, Config, PoolConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def _readme_names() -> set[str]:
     return set(re.findall(r"``([a-z_]+)``", text))
 
 
-@pytest.mark.parametrize("model", [Config, PoolConfig])
+@pytest.mark.parametrize("model", [Config, PoolConfig, ClusterConfig])
 def test_every_setting_is_documented(model):
     documented = _readme_names()
     missing = sorted(set(model.model_fields) - documented)

@@ -42,6 +42,7 @@ from .openapi import (
     Health,
     ListQuery,
     PoolView,
+    NodeView,
     RecordView,
     ShowQuery,
     SubmitQuery,
@@ -160,7 +161,8 @@ FILES_ERRORS: dict[int, tuple[Any, str]] = {
 
 
 def create_app(scheduler: Scheduler, config: Config,
-               healthy: Callable[[], Awaitable[bool]], metrics: Metrics) -> QuartTrio:
+               healthy: Callable[[], Awaitable[bool]], metrics: Metrics,
+               nodes: Callable[[], list[dict[str, Any]]]) -> QuartTrio:
     app = _App("ufaas", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.config["BODY_TIMEOUT"] = config.body_timeout
@@ -397,21 +399,31 @@ def create_app(scheduler: Scheduler, config: Config,
         for p in scheduler.pools:
             s = p.statistics()
             shown.append(PoolView.model_validate(dict(
-                name=s.name, image=p.reference, image_id=p.image, mode=s.mode,
+                name=s.name, node=p.node, image=p.reference, image_id=p.image, mode=s.mode,
                 profile=p.profile, warm=s.idle, busy=s.busy, starting=s.starting,
                 total=s.total, queued=s.waiting, min_idle=p.min_idle, max=p.max,
                 last_error=s.last_error, zygote=s.zygote,
             )).model_dump(mode="json"))
         return reply(shown)
 
+    @app.get("/nodes")
+    @documented(answers={200: (list[NodeView], "each node")})
+    async def list_nodes() -> Response:
+        """The nodes the pools run on (without a cluster, this machine's engine alone):
+        their state, capacity and last contact."""
+        return reply(nodes())
+
     @app.get("/healthz")
-    @documented(answers={200: (Health, "the Docker engine answers"),
-                         503: (ERROR, "the Docker engine does not answer")})
+    @documented(answers={200: (Health, "the Docker engine answers (in a cluster: a node is "
+                               "ready)"),
+                         503: (ERROR, "the Docker engine does not answer (in a cluster: no "
+                               "node is ready)")})
     async def healthz() -> Response:
-        """Whether the Docker engine answers."""
+        """Whether the Docker engine answers; in a cluster, whether a node is ready."""
         if await healthy():
             return reply({"status": "ok"})
-        return error(503, "the Docker engine does not answer")
+        return error(503, "the Docker engine does not answer" if not config.cluster.enabled
+                     else "no node is ready")
 
     @app.get("/watchers")
     @documented(answers={200: (list[WatcherStatistics], "each WebSocket client's buffer")})

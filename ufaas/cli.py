@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="ufaas", description="Run submitted code in warm Docker containers. Every "
         "option can also be set as UFAAS_<NAME> in the environment or in the --config file.",
         epilog="Client commands, for a running server: ufaas run IMAGE [-f FILE] [-e K=V] "
-        "-- COMMAND..., ufaas ls, ufaas show ID, ufaas cancel ID (see ufaas run --help).")
+        "-- COMMAND..., ufaas ls, ufaas show ID, ufaas cancel ID (see ufaas run --help). "
+        "ufaas node serves this machine's engine to a front (see ufaas node --help).")
     parser.add_argument("--version", action="version", version=f"ufaas {__version__}")
     parser.add_argument("--host", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (8000; 0 picks one)")
@@ -50,10 +51,55 @@ async def _until_signal() -> None:
             return
 
 
+def node_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ufaas node", description="Serve this machine's Docker engine as warm pools to "
+        "ufaas fronts (their [cluster] section names it), over an authenticated WebSocket. "
+        "Settings as the server's: --config, UFAAS_<NAME>, UFAAS_CLUSTER_<NAME>.")
+    parser.add_argument("--config", help="TOML file: [cluster] and the pools' settings")
+    parser.add_argument("--host", help="address to listen on (cluster.listen, 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port to listen on (cluster.node_port, "
+                        "8001; 0 picks one)")
+    parser.add_argument("--name", help="this node's name (cluster.name; the engine's name)")
+    parser.add_argument("--token-file", help="file holding the cluster's token "
+                        "(cluster.token_file; a Docker secret)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (INFO)")
+    return parser.parse_args(argv)
+
+
+def node_main(argv: list[str]) -> int:
+    """``ufaas node``: serve until SIGTERM or SIGINT."""
+    from .config import Config, ConfigError
+    from .node import NodeError, NodeServer
+
+    args = node_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    given = {"listen": args.host, "node_port": args.port, "name": args.name,
+             "token_file": args.token_file}
+
+    async def serve(node: NodeServer) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.serve)
+            await _until_signal()
+            nursery.cancel_scope.cancel()
+
+    try:
+        config = Config.load(args.config, cluster={k: v for k, v in given.items()
+                                                   if v is not None})
+        trio.run(serve, NodeServer(config))
+    except (ConfigError, NodeError) as exc:
+        print(f"ufaas node: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         return client_main(argv)
+    if argv and argv[0] == "node":
+        return node_main(argv[1:])
     # Imported here: the client commands should start fast.
     from .config import Config, ConfigError
     from .server import InsecureBind, serve

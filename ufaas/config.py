@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from .spec import Limits
 
 ENV_PREFIX = "UFAAS_"
 # Settings that are tables in TOML: not settable from a single environment variable.
-_TABLES = ("pools", "labels", "fetch_allow", "runtimes")
+_TABLES = ("pools", "labels", "fetch_allow", "runtimes", "cluster")
+DEFAULT_NODE_PORT = 8001
 
 
 def default_db() -> str:
@@ -121,6 +123,69 @@ DEFAULT_RUNTIMES = [
 ]
 
 
+def _read_secret(path: str, name: str) -> str:
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    if not secret:
+        raise ValueError(f"{name}: {path} is empty")
+    return secret
+
+
+class ClusterConfig(BaseModel):
+    """Where a front finds its nodes, and what a front and its nodes share: ``[cluster]``
+    in the TOML file, ``UFAAS_CLUSTER_<NAME>`` in the environment (``nodes`` as a
+    comma-separated list). Without ``nodes`` or ``swarm_service`` there is no cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nodes: list[str] = Field(default_factory=list, description="URLs of the nodes, "
+                             "ws://HOST:PORT")
+    swarm_service: str | None = Field(None, description="find the nodes as the tasks of "
+                                      "this Swarm service (DNS tasks.<service>)")
+    node_port: int = Field(DEFAULT_NODE_PORT, ge=0, le=65535, description="the port of "
+                           "nodes found in the Swarm, and where ufaas node listens")
+    listen: str = Field("0.0.0.0", description="the address ufaas node listens on")
+    token: str | None = Field(None, description="the token fronts and nodes share")
+    token_file: str | None = Field(None, description="a file holding it (a Docker secret)")
+    local: bool = Field(True, description="the front's own Docker engine is a node too")
+    name: str | None = Field(None, description="this machine's name as a node (the "
+                             "engine's name)")
+    heartbeat: float = Field(1.0, gt=0, description="seconds between two beats")
+    node_timeout: float = Field(5.0, gt=0, description="seconds of silence before a peer "
+                                "is lost")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to connect to a node")
+    discovery_interval: float = Field(2.0, gt=0, description="seconds between two looks "
+                                      "for Swarm nodes")
+    front_grace: float = Field(30.0, ge=0, description="seconds a node keeps the warm "
+                               "containers of a front that went away")
+    max_message: int = Field(128 * MiB, ge=MiB, description="bytes of one message between "
+                             "a front and a node")
+    image_max_bytes: int = Field(4096 * MiB, ge=MiB, description="bytes of an image "
+                                 "streamed from one node to another")
+    image_timeout: float = Field(600.0, gt=0, description="seconds one image stream may "
+                                 "take")
+
+    @model_validator(mode="after")
+    def _nodes(self) -> ClusterConfig:
+        for url in self.nodes:
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.scheme != "ws" or not parsed.hostname or parsed.path not in ("", "/"):
+                raise ValueError(f"node {url!r}: give ws://HOST:PORT")
+            parsed.port  # noqa: B018 - raises on a bad port
+        if self.token_file is not None and self.token is None:
+            self.token = _read_secret(self.token_file, "token_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.nodes or self.swarm_service)
+
+    def secret(self) -> str | None:
+        return self.token or None
+
+
 class Config(BaseModel):
     """Every setting of the server, each with a default that works on one machine."""
 
@@ -130,6 +195,8 @@ class Config(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     db: str = Field(default_factory=default_db)
     token: str | None = None
+    token_file: str | None = Field(None, description="a file holding the token (a Docker "
+                                   "secret), read at start")
     insecure: bool = False
     docker_host: str | None = None
     # Limits on what callers send.
@@ -208,9 +275,12 @@ class Config(BaseModel):
     engine_timeout: float = Field(pool.DEFAULT_CALL_TIMEOUT, gt=0,
                                   description="deadline of one engine call")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds running functions get")
+    cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig.model_validate({}))
 
     @model_validator(mode="after")
     def _timeouts(self) -> Config:
+        if self.token_file is not None and self.token is None:
+            self.token = _read_secret(self.token_file, "token_file")
         if self.default_timeout > self.max_timeout:
             raise ValueError("default_timeout must not exceed max_timeout")
         if max(self.piston_run_timeout, self.piston_compile_timeout) > self.max_timeout:
@@ -248,7 +318,18 @@ class Config(BaseModel):
             value = env.get(ENV_PREFIX + name.upper())
             if value is not None and name not in _TABLES:
                 data[name] = value
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        cluster = data.setdefault("cluster", {})
+        if isinstance(cluster, dict):
+            for name in ClusterConfig.model_fields:
+                value = env.get(f"{ENV_PREFIX}CLUSTER_{name.upper()}")
+                if value is not None:
+                    cluster[name] = ([u.strip() for u in value.split(",") if u.strip()]
+                                     if name == "nodes" else value)
+        for name, value in overrides.items():
+            if isinstance(value, dict) and isinstance(data.get(name), dict):
+                data[name] = {**data[name], **value}  # a table: merged, key by key
+            elif value is not None:
+                data[name] = value
         try:
             # Variables arrive as strings: let pydantic convert them (lax mode).
             return cls.model_validate(data)

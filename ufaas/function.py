@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pool import Job, Lease, Outputs, PoolError, Result
+from pool import Job, Outputs, PoolError, Result
 
 from .fetch import FetchError
 from .live import Event, Hub, StdinPipe, Transcript
@@ -23,6 +23,7 @@ from .spec import Spec, SpecError
 from .store import Record, Store
 
 if TYPE_CHECKING:
+    from .cluster import AnyLease
     from .scheduler import Scheduler
 
 log = logging.getLogger("ufaas")
@@ -40,7 +41,7 @@ class Function:
     """
 
     def __init__(self, record: Record, store: Store, hub: Hub, *, spec: Spec | None = None,
-                 strict: bool = False, interactive: bool = False, lease: Lease | None = None,
+                 strict: bool = False, interactive: bool = False, lease: AnyLease | None = None,
                  dequeued: Callable[[Function], None] = lambda function: None) -> None:
         self.record = record
         self.spec = spec
@@ -62,11 +63,12 @@ class Function:
         self._dequeued = dequeued
 
     @staticmethod
-    def started_in(record: Record, lease: Lease) -> None:
+    def started_in(record: Record, lease: AnyLease) -> None:
         """Fill in a new record as running in ``lease``, before it is first saved."""
         record.status = "running"
         record.started_at = time.time()
         record.container, record.workdir = lease.place.container, lease.place.workdir
+        record.node = lease.place.node
         record.locality = None if lease.hit is None else ("hit" if lease.hit else "miss")
 
     @property
@@ -175,7 +177,7 @@ class Function:
                     return self._end("error", str(exc))
             self.requeue = None
 
-    async def _execute(self, lease: Lease, spec: Spec, files: list, scheduler: Scheduler
+    async def _execute(self, lease: AnyLease, spec: Spec, files: list, scheduler: Scheduler
                        ) -> None:
         record = self.record
         if record.status == "pending":

@@ -205,6 +205,7 @@ class RecordView(_Answer):
     spec: SpecSummary | Spec = Field(description="the summary; with ?spec=full the spec as "
                                      "sent")
     container: str | None = Field(description="the short ID of the container it ran in")
+    node: str | None = Field(description="in a cluster, the node of that container")
     after: str | None = Field(description="the function it follows")
     locality: Literal["hit", "miss"] | None
     exit_code: int | None
@@ -241,6 +242,7 @@ class PoolView(_Answer):
     """A pool: its image, container profile, containers and queue."""
 
     name: str
+    node: str | None = Field(description="in a cluster, the node it runs on")
     image: str = Field(description="as first named")
     image_id: str
     mode: Literal["agent", "exec"] | None
@@ -254,6 +256,26 @@ class PoolView(_Answer):
     max: int
     last_error: str | None
     zygote: ZygoteView | None
+
+
+class NodeCapacity(_Answer):
+    max_containers: int
+    containers: int
+    idle: int
+    busy: int
+    pools: int
+
+
+class NodeView(_Answer):
+    """A node: this machine's engine, or a ``ufaas node`` of the cluster."""
+
+    name: str
+    url: str | None = Field(description="ws://HOST:PORT of a remote node")
+    local: bool = Field(description="this machine's engine, in the server's process")
+    state: Literal["ready", "connecting", "lost", "refused", "engine down"]
+    error: str | None = Field(description="why it is not ready")
+    last_contact: str | None = Field(json_schema_extra={"format": "date-time"})
+    capacity: NodeCapacity
 
 
 class Health(_Answer):

@@ -13,9 +13,10 @@ from typing import Any
 
 import trio
 
-from pool import File, Lease, Place, Pool, PoolError, Pools, Profile
+from pool import File, Lease, Place, PoolError, Profile
 
 from .callbacks import Callbacks, pending
+from .cluster import AnyPool, AnyPools
 from .config import Config
 from .fetch import Downloader, FetchError
 from .files import FileStore
@@ -59,7 +60,7 @@ class Scheduler:
     ended and its record is saved.
     """
 
-    def __init__(self, config: Config, store: Store, pools: Pools, downloader: Downloader,
+    def __init__(self, config: Config, store: Store, pools: AnyPools, downloader: Downloader,
                  hub: Hub, parser: Parser, files: FileStore, callbacks: Callbacks) -> None:
         self.config = config
         self.files_store = files
@@ -318,7 +319,7 @@ class Scheduler:
                              f"{self.config.queue_timeout:g} s")
         return files + [resource_file(r, fetched[i]) for i, r in enumerate(urls)]
 
-    async def pool_for(self, summary: dict[str, Any]) -> Pool:
+    async def pool_for(self, summary: dict[str, Any]) -> AnyPool:
         """The pool of a spec's image and profile (from its record's summary), started if it
         does not run yet."""
         image, network = summary.get("image") or "", bool(summary.get("network"))
@@ -339,7 +340,7 @@ class Scheduler:
         except NotFound:
             return None
         if record.container and record.workdir:
-            return Place(record.container, record.workdir)
+            return Place(record.container, record.workdir, record.node)
         return None
 
     # -- inside ---------------------------------------------------------------------------
@@ -353,7 +354,7 @@ class Scheduler:
         if predecessor is not None:
             if not predecessor.finished or not predecessor.container:
                 return None
-            near = Place(predecessor.container, predecessor.workdir or "")
+            near = Place(predecessor.container, predecessor.workdir or "", predecessor.node)
         pool = self.running_pool(spec.image or "", spec.network)
         return pool.claim(near) if pool is not None else None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +24,7 @@ from pool import Engine, Pools
 
 from .api import create_app
 from .callbacks import Callbacks
+from .cluster import AnyPools, Cluster, LocalNode
 from .config import Config
 from .fetch import Downloader
 from .files import FileStore
@@ -69,8 +71,8 @@ class Service:
     """Everything one server is made of, built from one Config and nothing else."""
 
     store: Store
-    engine: Engine
-    pools: Pools
+    engine: Engine | None  # None: a front whose nodes are all remote
+    pools: AnyPools
     downloader: Downloader
     files: FileStore
     callbacks: Callbacks
@@ -81,13 +83,20 @@ class Service:
     @classmethod
     def build(cls, config: Config, *, instance: str | None = None,
               labels: dict[str, str] | None = None) -> Service:
-        """The parts, made but not running (nothing is called yet); close ``store``."""
+        """The parts, made but not running (nothing is called yet); close ``store``.
+
+        Without a ``cluster`` section the pools are this engine's alone, as they always
+        were; with one, a :class:`~ufaas.cluster.Cluster` spreads them over the nodes (this
+        engine among them unless ``cluster.local`` is false)."""
         store = Store(config.db, summarize=summarize)
-        engine = Engine(config.docker_host, call_timeout=config.engine_timeout)
-        pools = Pools(engine, home=home(config.db), instance=instance,
-                      labels={**config.labels, **(labels or {})},
-                      max_containers=config.max_containers, min_idle=config.min_idle,
-                      max=config.max, idle_ttl=config.idle_ttl)
+        cluster = config.cluster
+        engine = local = None
+        if not cluster.enabled or cluster.local:
+            engine = Engine(config.docker_host, call_timeout=config.engine_timeout)
+            local = Pools(engine, home=home(config.db), instance=instance,
+                          labels={**config.labels, **(labels or {})},
+                          max_containers=config.max_containers, min_idle=config.min_idle,
+                          max=config.max, idle_ttl=config.idle_ttl)
         downloader = Downloader(max_bytes=config.download_max_bytes,
                                 timeout=config.download_timeout, allow=config.fetch_allow,
                                 proxy=config.fetch_proxy)
@@ -97,12 +106,24 @@ class Service:
                               timeout=config.callback_timeout,
                               attempts=config.callback_attempts, backoff=config.callback_backoff,
                               allow=config.fetch_allow, proxy=config.fetch_proxy)
+        pools: AnyPools
+        if cluster.enabled:
+            pools = Cluster(config, local, home=home(config.db),
+                            instance=local.instance if local else instance or uuid.uuid4().hex[:12])
+            healthy, nodes = pools.healthy, pools.status
+        else:
+            assert engine is not None and local is not None
+            pools, healthy = local, engine.ping
+            only = local
+
+            def nodes() -> list[dict]:
+                return [LocalNode(only).status()]
         scheduler = Scheduler(config, store, pools, downloader,
                               Hub(max_bytes=config.stream_buffer), Parser(config), files,
                               callbacks)
         metrics = Metrics(scheduler)
         return cls(store, engine, pools, downloader, files, callbacks, scheduler, metrics,
-                   create_app(scheduler, config, healthy=engine.ping, metrics=metrics))
+                   create_app(scheduler, config, healthy=healthy, metrics=metrics, nodes=nodes))
 
 
 async def serve(
@@ -126,7 +147,8 @@ async def serve(
         service.files.close()
         with trio.CancelScope(shield=True), trio.move_on_after(ENGINE_CLOSE):
             await service.downloader.aclose()
-            await service.engine.aclose()
+            if service.engine is not None:
+                await service.engine.aclose()
 
 
 async def _serve_http(config: Config, service: Service,

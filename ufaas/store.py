@@ -80,6 +80,7 @@ class Record:
     locality: str | None = None
     container: str | None = None  # full id; the API shows the short one
     workdir: str | None = None
+    node: str | None = None  # in a cluster: the node of the container
     exit_code: int | None = None
     signal: int | None = None
     oom: bool = False
@@ -116,6 +117,7 @@ class Record:
             "status": self.status,
             "spec": self.spec,
             "container": self.container[:12] if self.container else None,
+            "node": self.node,
             "after": self.after,
             "locality": self.locality,
             "exit_code": self.exit_code,

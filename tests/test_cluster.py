@@ -1,0 +1,340 @@
+"""A front and its nodes on this machine's engine: real ``ufaas node`` servers on port 0,
+the real server, real HTTP and WebSocket clients. What needs more than one engine (faults of
+whole machines, images streamed between engines, the Swarm) is in test_lab.py."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+
+import pytest
+import trio
+from conftest import NODE_TOKEN
+from trio_websocket import ConnectionClosed, open_websocket, serve_websocket
+
+from pool import Place, Profile
+from ufaas import wire
+from ufaas.client import Client
+from ufaas.config import Config, ConfigError, PoolConfig
+from ufaas.server import serve
+
+
+async def nodes_of(client):
+    return {n["name"]: n for n in (await client.get("/nodes")).json()}
+
+
+async def wait_nodes(client, wanted, state="ready", timeout=30):
+    """Until every node in ``wanted`` (names) is in ``state``; the /nodes entries."""
+    with trio.fail_after(timeout):
+        while True:
+            nodes = await nodes_of(client)
+            if all(nodes.get(name, {}).get("state") == state for name in wanted):
+                return nodes
+            await trio.sleep(0.1)
+
+
+async def wait_warm(client, node, count=1, timeout=60):
+    with trio.fail_after(timeout):
+        while sum(p["warm"] for p in (await client.get("/pools")).json()
+                  if p["node"] == node) < count:
+            await trio.sleep(0.1)
+
+
+async def wait_status(client, fid, wanted, timeout=30):
+    with trio.fail_after(timeout):
+        while (rec := (await client.get(f"/fn/{fid}")).json())["status"] not in wanted:
+            await trio.sleep(0.05)
+    return rec
+
+
+def python(code: str, **spec) -> dict:
+    return {"image": "ufaas-test/python", "command": ["python3", "-c", code], **spec}
+
+
+async def test_a_function_runs_on_a_remote_node_as_it_would_here(start_node, front_config,
+                                                                  start_server, images):
+    node = await start_node("node-a")
+    client = await start_server(front_config([node.url]))
+    with trio.fail_after(90):
+        nodes = await wait_nodes(client, ["node-a"])
+        assert nodes["node-a"]["url"] == node.url and not nodes["node-a"]["local"]
+        assert nodes["node-a"]["capacity"]["max_containers"] == 32
+        await wait_warm(client, "node-a")
+        ok = (await client.post("/fn?wait=30", json=python(
+            "import sys; print(6 * 7); print('to err', file=sys.stderr)"))).json()
+        assert (ok["status"], ok["stdout"], ok["stderr"], ok["node"]) == (
+            "succeeded", "42\n", "to err\n", "node-a"), ok
+        failed = (await client.post("/fn?wait=30", json=python("raise SystemExit(3)"))).json()
+        assert (failed["status"], failed["exit_code"], failed["node"]) == ("failed", 3, "node-a")
+        slow = (await client.post("/fn?wait=30", json=python("import time; time.sleep(30)",
+                                                            timeout=1))).json()
+        assert slow["status"] == "timeout", slow
+        big = (await client.post("/fn?wait=30", json=python(
+            "print('x' * 3000000)"))).json()
+        assert big["truncated"] and len(big["stdout"]) == 1 << 20  # output_cap, as here
+        # A follow-up finds its predecessor's container, on its node, and its files.
+        first = (await client.post("/fn?wait=30", json={
+            "image": images.python, "command": "echo kept > note.txt"})).json()
+        after = (await client.post(f"/fn/{first['id']}?wait=30&strict=true",
+                                   json={"command": ["cat", "note.txt"]})).json()
+        assert (after["locality"], after["stdout"], after["container"], after["node"]) == (
+            "hit", "kept\n", first["container"], "node-a"), after
+        pools = [p for p in (await client.get("/pools")).json() if p["node"] == "node-a"]
+        assert [p["image"] for p in pools] == [images.python] and pools[0]["mode"] == "agent"
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_live_output_stdin_and_cancel_through_a_node(start_node, front_config,
+                                                           start_server, images):
+    node = await start_node("node-a")
+    client = await start_server(front_config([node.url]))
+    url = str(client.base_url)
+    with trio.fail_after(90):
+        await wait_nodes(client, ["node-a"])
+        out: list[str] = []
+
+        async def chunks():
+            for i in range(3):
+                yield f"line {i}\n"
+                await trio.sleep(0.05)
+
+        async with Client(url) as ufaas:
+            end = await ufaas.run(python("import sys\nfor l in sys.stdin: print(l.upper(), "
+                                         "end='', flush=True)"), stdin=chunks(),
+                                  stdout=out.append)
+            assert end["status"] == "succeeded" and "".join(out) == "LINE 0\nLINE 1\nLINE 2\n"
+            # Megabytes of stdin: more than the window a node takes at once.
+            data = "y" * (3 << 20)
+            end = await ufaas.run(python("import sys; print(len(sys.stdin.read()))"),
+                                  stdin=data, stdout=out.append)
+            assert end["status"] == "succeeded" and out[-1] == f"{len(data)}\n"
+        running = (await client.post("/fn", json=python(
+            "import time; print('started', flush=True); time.sleep(60)"))).json()
+        with trio.fail_after(30):
+            while (await client.get(f"/fn/{running['id']}")).json()["stdout"] != "started\n":
+                await trio.sleep(0.05)
+        gone = (await client.delete(f"/fn/{running['id']}")).json()
+        assert gone["status"] == "cancelled", gone
+        again = (await client.post("/fn?wait=30", json=python("print('after')"))).json()
+        assert again["stdout"] == "after\n" and again["container"] == gone["container"]
+
+
+async def test_work_spreads_over_the_nodes(start_node, front_config, start_server, images):
+    a, b = await start_node("node-a"), await start_node("node-b")
+    config = front_config([a.url, b.url], pools=[PoolConfig(image=images.python, min_idle=1,
+                                                            max=1)])
+    client = await start_server(config)
+    with trio.fail_after(120):
+        await wait_nodes(client, ["node-a", "node-b"])
+        await wait_warm(client, "node-a")
+        await wait_warm(client, "node-b")
+        ids = [(await client.post("/fn", json=python("import time; time.sleep(1)"))).json()["id"]
+               for _ in range(4)]
+        done = [(await client.get(f"/fn/{fid}?wait=60")).json() for fid in ids]
+        assert [r["status"] for r in done] == ["succeeded"] * 4
+        # Both idle containers were used at once; the two that waited went to either.
+        assert {done[0]["node"], done[1]["node"]} == {"node-a", "node-b"}, done
+
+
+async def test_a_lost_node_ends_its_runs_and_its_queue_moves(start_node, front_config,
+                                                              start_server, images):
+    a, b = await start_node("node-a"), await start_node("node-b")
+    config = front_config([a.url, b.url], pools=[PoolConfig(image=images.python, min_idle=1,
+                                                            max=1)])
+    client = await start_server(config)
+    with trio.fail_after(150):
+        await wait_nodes(client, ["node-a", "node-b"])
+        await wait_warm(client, "node-a")
+        await wait_warm(client, "node-b")
+        long = [(await client.post("/fn", json=python("import time; time.sleep(120)"))).json()
+                for _ in range(2)]
+        running = [await wait_status(client, f["id"], ("running",)) for f in long]
+        assert {r["node"] for r in running} == {"node-a", "node-b"}
+        queued = [(await client.post("/fn", json=python("print('moved')"))).json()
+                  for _ in range(2)]
+        on_a = next(r for r in running if r["node"] == "node-a")
+        a.stop()  # a crash: its connection drops, its containers go
+        lost = (await client.get(f"/fn/{on_a['id']}?wait=30")).json()
+        assert lost["status"] == "error" and "node node-a lost" in lost["error"], lost
+        await wait_nodes(client, ["node-a"], state="lost")
+        on_b = next(r for r in running if r["node"] == "node-b")
+        await client.delete(f"/fn/{on_b['id']}")
+        moved = [(await client.get(f"/fn/{q['id']}?wait=30")).json() for q in queued]
+        assert [(m["status"], m["stdout"], m["node"]) for m in moved] == [
+            ("succeeded", "moved\n", "node-b")] * 2, moved
+        # The node comes back where it was: the front finds it, and uses it again.
+        await start_node("node-a", port=a.port)
+        await wait_nodes(client, ["node-a"])
+        await wait_warm(client, "node-a")
+        blocker = (await client.post("/fn", json=python("import time; time.sleep(2)"))).json()
+        second = (await client.post("/fn?wait=30", json=python("print(1)"))).json()
+        first = (await client.get(f"/fn/{blocker['id']}?wait=30")).json()
+        assert {first["node"], second["node"]} == {"node-a", "node-b"}
+
+
+async def test_a_wrong_token_is_refused_on_both_sides(start_node, front_config, start_server,
+                                                      caplog):
+    caplog.set_level(logging.INFO)
+    node = await start_node("node-a", token="the-right-one")
+    client = await start_server(front_config([node.url], token="a-wrong-one"))
+    with trio.fail_after(30):
+        nodes = await wait_nodes(client, [f"127.0.0.1:{node.port}"], state="refused")
+    error = nodes[f"127.0.0.1:{node.port}"]["error"]
+    assert "refused this front (403): wrong or missing cluster token" in error
+    assert any("refused a front at 127.0.0.1" in r.getMessage() and "token" in r.getMessage()
+               for r in caplog.records if r.name == "ufaas.node")
+    assert any("refused this front (403)" in r.getMessage()
+               for r in caplog.records if r.name == "ufaas.cluster")
+    assert (await client.get("/healthz")).status_code == 503
+    pending = (await client.post("/fn?wait=1", json=python("print(1)"))).json()
+    assert pending["status"] == "pending"  # it waits for a node; nothing ran it
+
+
+async def test_a_version_mismatch_is_refused_on_both_sides(start_node, front_config,
+                                                           start_server, caplog):
+    caplog.set_level(logging.INFO)
+    newer = f"{wire.PROTOCOL + 1} {wire.SCHEMA} 9.9.9"
+    node = await start_node("node-a", speaks_as=newer)
+    client = await start_server(front_config([node.url]))
+    with trio.fail_after(30):
+        nodes = await wait_nodes(client, [f"127.0.0.1:{node.port}"], state="refused")
+    error = nodes[f"127.0.0.1:{node.port}"]["error"]
+    assert f"the node speaks protocol {wire.PROTOCOL + 1}" in error, error
+    assert f"the front protocol {wire.PROTOCOL} (schema {wire.SCHEMA}" in error, error
+    said = [r.getMessage() for r in caplog.records if r.name == "ufaas.node"]
+    assert any("version mismatch" in m and "ufaas 9.9.9" in m for m in said), said
+
+
+async def test_a_restarted_front_has_its_old_containers_removed(start_node, front_config,
+                                                                 test_id, test_labels, nursery,
+                                                                 docker_client):
+    node = await start_node("node-a")
+    config = front_config([node.url])
+
+    async def front(instance):
+        stop = trio.Event()
+        url = await nursery.start(functools.partial(
+            serve, config, shutdown_trigger=stop.wait, instance=instance, labels=test_labels))
+        return url, stop
+
+    def containers(instance):
+        return docker_client.containers.list(
+            filters={"label": [f"ufaas.instance={instance}-node-a", "ufaas.node=node-a"]})
+
+    with trio.fail_after(120):
+        url, stop = await front(f"{test_id}-one")
+        async with Client(url) as ufaas:
+            first = await ufaas.create(python("print('before')"), wait=30)
+            while not containers(f"{test_id}-one"):
+                await trio.sleep(0.1)
+        stop.set()  # the front goes; the node keeps its warm containers for front_grace
+        url, stop = await front(f"{test_id}-two")
+        async with Client(url) as ufaas:
+            assert (await ufaas.get(first["id"]))["stdout"] == "before\n"
+            while containers(f"{test_id}-one") or not containers(f"{test_id}-two"):
+                await trio.sleep(0.1)
+            after = await ufaas.create(python("print('after')"), wait=30)
+            assert after["node"] == "node-a" and after["container"] != first["container"]
+        stop.set()
+
+
+async def test_a_peer_that_breaks_the_protocol_is_cut_off(start_node, front_config,
+                                                          start_server, caplog):
+    """Every claim from a front is checked before anything is held for it: a message past
+    ``max_message``, stdin past its window, a message of no kind."""
+    caplog.set_level(logging.INFO)
+    node = await start_node("node-a", cluster={"max_message": 1 << 20})
+    headers = [(b"authorization", f"Bearer {NODE_TOKEN}".encode()),
+               (wire.PROTOCOL_HEADER.encode(), wire.speaks().encode()),
+               (wire.FRONT_HEADER.encode(), b"h0me i0")]
+
+    async def session(send: bytes) -> str:
+        async with open_websocket("127.0.0.1", node.port, "/", use_ssl=False,
+                                  extra_headers=headers, max_message_size=1 << 24) as ws:
+            hello, _ = wire.unpack(await ws.get_message())
+            assert hello["op"] == "hello" and hello["node"] == "node-a"
+            with trio.fail_after(10):
+                try:
+                    await ws.send_message(send)
+                    while True:
+                        await ws.get_message()
+                except ConnectionClosed as exc:
+                    return str(exc.reason)
+
+    with trio.fail_after(60):
+        closed = await session(b"\0" * (2 << 20))
+        assert "1009" in closed or "MESSAGE_TOO_BIG" in closed, closed
+        profile, near = Profile(), Place("nope", "nope")
+        lease = wire.message("lease", {"profile": profile, "near": near}, lid="l1",
+                             image="ufaas-test/python", configured=False, sizes={"max": 1},
+                             strict=False, timeout=5)
+        await session(lease)  # a lease the session ends with: held nowhere after
+        await session(wire.message("exploit"))
+        await session(wire.message("lease", {"profile": "not one"}, lid="l2",
+                                   image="x", sizes={}, timeout=1))
+    said = [r.getMessage() for r in caplog.records if r.name == "ufaas.node"]
+    assert any("broke the protocol: an unknown or malformed 'exploit'" in m for m in said)
+    assert any("broke the protocol: a pool without an image" in m for m in said), said
+
+
+async def test_a_node_that_breaks_the_protocol_is_lost(front_config, start_server, nursery):
+    """The front checks what a node claims as a node checks the front: here a node that
+    greets properly, then sends a beat whose pools are not pools."""
+    async def fake_node(request):
+        ws = await request.accept()
+        await ws.send_message(wire.message("hello", node="liar", speaks=wire.speaks(),
+                                           max_containers=4))
+        await ws.send_message(wire.message("beat", {"pools": [{"statistics": 1}]},
+                                           engine=True))
+        await trio.sleep(30)
+
+    server = await nursery.start(serve_websocket, fake_node, "127.0.0.1", 0, None)
+    client = await start_server(front_config([f"ws://127.0.0.1:{server.port}"]))
+    with trio.fail_after(30):
+        while "broke the protocol" not in str((await nodes_of(client)).get("liar", {})
+                                              .get("error")):
+            await trio.sleep(0.1)
+    assert (await nodes_of(client))["liar"]["state"] != "ready"
+
+
+async def test_on_one_machine_nothing_changes(start_server, python_config):
+    client = await start_server(python_config())
+    with trio.fail_after(60):
+        [only] = (await client.get("/nodes")).json()
+        assert only["local"] and only["state"] == "ready" and only["url"] is None
+        record = (await client.post("/fn?wait=30", json=python("print(1)"))).json()
+        assert record["status"] == "succeeded" and record["node"] is None
+        assert {p["node"] for p in (await client.get("/pools")).json()} == {None}
+
+
+def test_cluster_settings_come_from_toml_and_the_environment(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("from-a-file\n")
+    toml = tmp_path / "front.toml"
+    toml.write_text(f'[cluster]\nnodes = ["ws://10.0.0.2:8001"]\ntoken_file = "{secret}"\n')
+    config = Config.load(toml, environ={"UFAAS_CLUSTER_HEARTBEAT": "0.5"})
+    assert config.cluster.nodes == ["ws://10.0.0.2:8001"] and config.cluster.enabled
+    assert config.cluster.secret() == "from-a-file" and config.cluster.heartbeat == 0.5
+    env = Config.load(None, environ={"UFAAS_CLUSTER_NODES": "ws://a:1, ws://b",
+                                     "UFAAS_CLUSTER_SWARM_SERVICE": "ufaas-node"}).cluster
+    assert env.nodes == ["ws://a:1", "ws://b"] and env.swarm_service == "ufaas-node"
+    assert not Config.load(None, environ={}).cluster.enabled
+    for bad in ("http://a:1", "ws://", "ws://a:1/path", "ws://a:notaport"):
+        with pytest.raises(ConfigError, match="cluster"):
+            Config.load(None, environ={"UFAAS_CLUSTER_NODES": bad})
+    with pytest.raises(ConfigError, match="token_file"):
+        Config.load(None, environ={"UFAAS_CLUSTER_TOKEN_FILE": str(tmp_path / "missing")})
+
+
+def test_ufaas_node_refuses_to_start_without_a_token():
+    from command import ufaas_command
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UFAAS_")}
+    done = subprocess.run([*ufaas_command(), "node", "--port", "0"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "needs the cluster's token" in done.stderr, done.stderr
+    helped = subprocess.run([*ufaas_command(), "node", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert helped.returncode == 0 and "--token-file" in helped.stdout

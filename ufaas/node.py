@@ -1,0 +1,508 @@
+"""``ufaas node``: this machine's Docker engine, served as warm pools to ufaas fronts over
+an authenticated WebSocket. A front leases, runs, streams, cancels and moves images here;
+there is no HTTP API, the exec streams stay on this machine, and the engine is never
+exposed on the network.
+
+Each front (a database, so a restarted front is the same one) gets pools of its own: they
+live while it is connected, and ``front_grace`` seconds after; a new run of that front
+takes them over or, when its instance differs, has them removed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    Endpoint,
+    WebSocketConnection,
+    WebSocketRequest,
+    serve_websocket,
+)
+
+from pool import (
+    Engine,
+    EngineError,
+    ImageMissing,
+    Job,
+    Lease,
+    LeaseTimeout,
+    MiB,
+    Place,
+    Pool,
+    PoolError,
+    Pools,
+    Profile,
+    Result,
+)
+
+from .config import Config
+from .wire import (
+    FRONT_HEADER,
+    PROTOCOL_HEADER,
+    TOKEN_HEADER,
+    Credit,
+    Inbox,
+    WireError,
+    fields_of,
+    message,
+    mismatch,
+    pack,
+    speaks,
+    unpack,
+)
+
+log = logging.getLogger("ufaas.node")
+
+# What a front may ask of one run, whatever its own settings: the most output per stream
+# kept (and queued here while the front reads it).
+MAX_OUTPUT_CAP = 64 * MiB
+# Bytes of stdin, and of an image, sent and not yet consumed here.
+STDIN_WINDOW = 1 * MiB
+IMAGE_WINDOW = 8 * MiB
+RECEIVE_BUFFER = 65536
+MAX_ID = 64  # characters of an id a front gives (a lease's, a request's, its own)
+
+
+class NodeError(Exception):
+    """The node cannot serve (no token, say)."""
+
+
+def pool_view(pool: Pool) -> dict[str, Any]:
+    """What a front learns of one pool: for scheduling, ``GET /pools`` and strict
+    follow-ups (its containers)."""
+    return {"name": pool.name, "reference": pool.reference, "image": pool.image,
+            "profile": pool.profile, "min_idle": pool.min_idle, "max": pool.max,
+            "configured": pool.configured, "statistics": pool.statistics(),
+            "containers": pool.container_ids()}
+
+
+def _short(value: object) -> str:
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_ID else ""
+
+
+@dataclass(eq=False)
+class _Front:
+    """One front's pools on this node."""
+
+    home: str
+    instance: str
+    pools: Pools
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    sessions: int = 0
+    gone_at: float = 0.0
+
+
+@dataclass(eq=False)
+class _Held:
+    """A lease a front asked for: waiting for a container, then held until released."""
+
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    run: tuple[dict[str, Any], list[bytes]] | None = None
+    asked: trio.Event = field(default_factory=trio.Event)  # run or release came
+    released: trio.Event = field(default_factory=trio.Event)
+    discard: bool = False
+    run_scope: trio.CancelScope | None = None
+    stdin: Inbox | None = None
+
+
+class NodeServer:
+    """Serves this engine's pools to fronts. Run with ``await nursery.start(node.serve)``,
+    which gives the port once it listens; cancelling it ends every session and removes
+    every container made here."""
+
+    def __init__(self, config: Config, *, speaks_as: str | None = None,
+                 labels: dict[str, str] | None = None) -> None:
+        """``speaks_as`` replaces what this node says it speaks (tests of a mismatch)."""
+        self.config = config
+        self.cluster = config.cluster
+        self.token = (self.cluster.secret() or "").encode()
+        if not self.token:
+            raise NodeError("a node needs the cluster's token: set cluster.token_file "
+                            "(UFAAS_CLUSTER_TOKEN_FILE, --token-file) or cluster.token")
+        self.labels = {**config.labels, **(labels or {})}
+        self.engine = Engine(config.docker_host, call_timeout=config.engine_timeout)
+        self.speaks = speaks_as or speaks()
+        self.name = self.cluster.name or ""
+        self.engine_ok = True
+        self._fronts: dict[str, _Front] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        try:
+            if not self.name:
+                self.name = str((await self.engine.info()).get("Name") or "")
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._watch_engine)
+                server = await nursery.start(partial(
+                    serve_websocket, self._handle, self.cluster.listen, self.cluster.node_port,
+                    None, max_message_size=self.cluster.max_message,
+                    receive_buffer_size=RECEIVE_BUFFER,
+                    connect_timeout=self.cluster.connect_timeout,
+                    disconnect_timeout=self.cluster.connect_timeout))
+                log.info("ufaas node %s ready at ws://%s:%d", self.name, self.cluster.listen,
+                         server.port)
+                task_status.started(server.port)
+        except EngineError as exc:
+            raise NodeError(f"the Docker engine does not answer: {exc}") from exc
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.engine.aclose()
+
+    async def _watch_engine(self) -> None:
+        while True:
+            ok = await self.engine.ping(timeout=self.cluster.node_timeout)
+            if ok != self.engine_ok:
+                log.warning("engine %s", "answers again" if ok else "does not answer")
+            self.engine_ok = ok
+            await trio.sleep(self.cluster.heartbeat)
+
+    # -- fronts ---------------------------------------------------------------------------
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+        remote = request.remote
+        peer = (f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint)
+                else str(remote))
+        scheme, _, given = headers.get(TOKEN_HEADER, "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 self.token):
+            log.warning("refused a front at %s: wrong or missing cluster token", peer)
+            await request.reject(403, body=b"wrong or missing cluster token")
+            return
+        why = mismatch(self.speaks, headers.get(PROTOCOL_HEADER, ""), we="node", they="front")
+        if why is not None:
+            log.warning("refused the front at %s: %s", peer, why)
+            await request.reject(409, body=why.encode())
+            return
+        home, _, instance = headers.get(FRONT_HEADER, "").partition(" ")
+        if not _short(home) or not _short(instance):
+            await request.reject(400, body=b"no front identity (ufaas-front: HOME INSTANCE)")
+            return
+        ws = await request.accept()
+        front = await self._front(home, instance)
+        front.sessions += 1
+        log.info("front %s (%s) connected from %s", home, instance, peer)
+        try:
+            await Session(self, ws, front.pools, peer).run()
+        except Exception:  # a bug must end one session, not the node
+            log.exception("session of the front at %s failed", peer)
+        finally:
+            front.sessions -= 1
+            front.gone_at = time.monotonic()
+            log.info("front %s (%s) at %s disconnected", home, instance, peer)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._forget_later, front)
+
+    async def _front(self, home: str, instance: str) -> _Front:
+        """The pools of front ``home``: its own if this instance had them, else new ones
+        (which remove what an earlier instance of it left on this engine)."""
+        front = self._fronts.get(home)
+        if front is not None and front.instance == instance:
+            return front
+        if front is not None:
+            log.info("front %s restarted: removing the containers of its instance %s",
+                     home, front.instance)
+            front.scope.cancel()
+        pools = Pools(self.engine, home=f"{home}-{self.name}", instance=f"{instance}-{self.name}",
+                      labels={**self.labels, "ufaas.node": self.name},
+                      max_containers=self.config.max_containers, node=self.name,
+                      min_idle=self.config.min_idle, max=self.config.max,
+                      idle_ttl=self.config.idle_ttl)
+        front = self._fronts[home] = _Front(home, instance, pools)
+        assert self._nursery is not None
+        await self._nursery.start(self._serve_pools, front)
+        return front
+
+    async def _serve_pools(self, front: _Front, *, task_status: trio.TaskStatus[None]) -> None:
+        with front.scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(front.pools.serve)
+                task_status.started()
+        if self._fronts.get(front.home) is front:
+            del self._fronts[front.home]
+
+    async def _forget_later(self, front: _Front) -> None:
+        """A front gone for ``front_grace`` seconds loses its pools, and their containers."""
+        await trio.sleep(self.cluster.front_grace)
+        if front.sessions == 0 and time.monotonic() - front.gone_at >= self.cluster.front_grace:
+            log.info("front %s gone for %g s: its pools are closed", front.home,
+                     self.cluster.front_grace)
+            front.scope.cancel()
+
+
+class Session:
+    """One front's connection: every message it sends, and everything its leases hold,
+    for as long as it keeps talking (``node_timeout`` of silence ends it)."""
+
+    def __init__(self, node: NodeServer, ws: WebSocketConnection, pools: Pools,
+                 peer: str) -> None:
+        self.node = node
+        self.ws = ws
+        self.pools = pools
+        self.peer = peer
+        self.timeout = node.cluster.node_timeout
+        self._outbox, self._queued = trio.open_memory_channel[bytes](math.inf)
+        self._held: dict[str, _Held] = {}
+        self._inboxes: dict[str, Inbox] = {}
+        self._credits: dict[str, Credit] = {}
+        self._exports: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def send(self, data: bytes) -> None:
+        """Queue a message: the sender sends them in order, each within the deadline."""
+        self._outbox.send_nowait(data)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._send_forever)
+            nursery.start_soon(self._beat_forever)
+            self.send(message("hello", node=self.node.name, speaks=self.node.speaks,
+                              max_containers=self.pools.budget.limit))
+            try:
+                await self._receive_forever()
+            except WireError as exc:
+                log.warning("front at %s broke the protocol: %s", self.peer, exc)
+            nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(self.timeout):
+            await self.ws.aclose()
+
+    async def _send_forever(self) -> None:
+        async for data in self._queued:
+            with trio.move_on_after(self.timeout) as scope:
+                try:
+                    await self.ws.send_message(data)
+                except ConnectionClosed:
+                    break
+            if scope.cancelled_caught:
+                log.warning("front at %s stopped reading for %g s", self.peer, self.timeout)
+                break
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    async def _beat_forever(self) -> None:
+        while True:
+            self.send(message("beat", {"pools": [pool_view(p) for p in self.pools]},
+                              engine=self.node.engine_ok))
+            await trio.sleep(self.node.cluster.heartbeat)
+
+    async def _receive_forever(self) -> None:
+        while True:
+            with trio.move_on_after(self.timeout):
+                try:
+                    data = await self.ws.get_message()
+                except ConnectionClosed:
+                    return
+                self._dispatch(*unpack(data))
+                continue
+            log.warning("front at %s silent for %g s: closing", self.peer, self.timeout)
+            return
+
+    def _dispatch(self, header: dict[str, Any], parts: list[bytes]) -> None:
+        op, lid = header["op"], _short(header.get("lid"))
+        assert self._nursery is not None
+        if op == "beat":
+            return
+        if op == "lease" and lid and lid not in self._held:
+            fields = _pool_fields(header, parts)
+            timeout = header.get("timeout")
+            if (not isinstance(timeout, int | float) or timeout < 0
+                    or not isinstance(fields.get("near"), Place | None)):
+                raise WireError("a lease without a timeout, or near no place")
+            self._held[lid] = held = _Held()
+            self._nursery.start_soon(self._lease, lid, held, fields, header)
+        elif op == "run" and lid in self._held and self._held[lid].run is None:
+            held = self._held[lid]
+            held.run = (header, parts)
+            held.asked.set()
+        elif op == "stdin" and lid in self._held:
+            inbox = self._held[lid].stdin
+            if inbox is not None:
+                if parts and parts[0]:
+                    inbox.put(parts[0])
+                if header.get("eof"):
+                    inbox.end()
+        elif op == "cancel" and lid in self._held:
+            scope = self._held[lid].run_scope
+            if scope is not None:
+                scope.cancel()
+        elif op == "release" and lid in self._held:
+            held = self._held[lid]
+            held.discard = bool(header.get("discard"))
+            held.released.set()
+            held.asked.set()
+            if held.run is None:
+                held.scope.cancel()  # still waiting for a container: stop waiting
+        elif op == "discard":
+            self.pools.discard(_short(header.get("container")))
+        elif op == "pool":
+            self._nursery.start_soon(self._pool, header, _pool_fields(header, parts))
+        elif op in ("image_has", "image_export", "image_import"):
+            self._images(op, header)
+        elif op == "chunk" and _short(header.get("rid")) in self._inboxes:
+            self._inboxes[header["rid"]].put(parts[0] if parts else b"")
+        elif op == "image_end" and _short(header.get("rid")) in self._inboxes:
+            self._inboxes[header["rid"]].end()
+        elif op == "ack" and _short(header.get("rid")) in self._credits:
+            self._credits[header["rid"]].give(header.get("bytes"))
+        elif op == "image_cancel" and _short(header.get("rid")) in self._exports:
+            self._exports[header["rid"]].cancel()
+        elif op in ("run", "stdin", "cancel", "release", "chunk", "image_end", "ack",
+                    "image_cancel"):
+            pass  # about something that has just ended here: nothing to do
+        else:
+            raise WireError(f"an unknown or malformed {op!r} message")
+
+    # -- leases and runs ------------------------------------------------------------------
+
+    async def _add(self, header: dict[str, Any], fields: dict[str, Any]) -> Pool:
+        try:
+            return await self.pools.add(header["image"], fields["profile"],
+                                        configured=bool(header.get("configured")),
+                                        **header["sizes"])
+        except (TypeError, ValueError) as exc:  # sizes no pool can have
+            raise PoolError(f"a pool that cannot be: {exc}") from None
+
+    async def _pool(self, header: dict[str, Any], fields: dict[str, Any]) -> None:
+        rid = _short(header.get("rid"))
+        try:
+            pool = await self._add(header, fields)
+        except PoolError as exc:
+            self.send(message("failed", rid=rid, error=str(exc), kind=_kind(exc)))
+            return
+        self.send(message("pool", {"pool": pool_view(pool)}, rid=rid))
+
+    async def _lease(self, lid: str, held: _Held, fields: dict[str, Any],
+                     header: dict[str, Any]) -> None:
+        try:
+            with held.scope:
+                try:
+                    pool = await self._add(header, fields)
+                    lease = await pool.acquire(fields.get("near"),
+                                               strict=bool(header.get("strict")),
+                                               timeout=header["timeout"])
+                except PoolError as exc:
+                    self.send(message("failed", lid=lid, error=str(exc), kind=_kind(exc)))
+                    return
+                try:
+                    self.send(message("leased", {"pool": pool_view(pool)}, lid=lid,
+                                      container=lease.place.container,
+                                      workdir=lease.place.workdir, hit=lease.hit))
+                    await held.asked.wait()
+                    if held.run is not None:
+                        await self._run(lid, held, lease)
+                        await held.released.wait()
+                finally:
+                    lease.discard = held.discard
+                    lease.release()
+                    self.send(message("view", {"pool": pool_view(pool)}))
+        finally:
+            del self._held[lid]
+
+    async def _run(self, lid: str, held: _Held, lease: Lease) -> None:
+        assert held.run is not None
+        header, parts = held.run
+        job = fields_of(header, parts).get("job")
+        if not isinstance(job, Job):
+            raise WireError("a run without a job")
+        job.output_cap = min(job.output_cap, MAX_OUTPUT_CAP)
+        if header.get("live"):
+            held.stdin = Inbox(STDIN_WINDOW, lambda size: self.send(
+                message("ack", lid=lid, bytes=size)))
+
+        def output(fd: int, data: bytes) -> None:
+            self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
+
+        result: Result | None = None
+        with trio.CancelScope() as held.run_scope:
+            result = await lease.run(job, output, held.stdin)
+        if result is None:  # the front cancelled it: its processes are gone
+            result = Result("cancelled")
+        result.place = None  # the front knows where it ran
+        self.send(message("result", {"result": result}, lid=lid))
+
+    # -- images ---------------------------------------------------------------------------
+
+    def _images(self, op: str, header: dict[str, Any]) -> None:
+        rid, image = _short(header.get("rid")), header.get("image")
+        if not rid or not isinstance(image, str) or not image:
+            raise WireError(f"an {op} without its id or image")
+        if rid in self._credits or rid in self._inboxes:
+            raise WireError(f"an {op} with the id of another one")
+        assert self._nursery is not None
+        if op == "image_has":
+            self._nursery.start_soon(self._image_has, rid, image)
+        elif op == "image_export":
+            self._credits[rid] = Credit(IMAGE_WINDOW)
+            self._nursery.start_soon(self._image_export, rid, image)
+        else:
+            self._inboxes[rid] = Inbox(IMAGE_WINDOW, lambda size: self.send(
+                message("ack", rid=rid, bytes=size)))
+            self._nursery.start_soon(self._image_import, rid, image)
+
+    async def _image_has(self, rid: str, image: str) -> None:
+        try:
+            found: str | None = await self.node.engine.image_id(image, pull=False)
+        except EngineError:
+            found = None
+        self.send(message("image", rid=rid, id=found))
+
+    async def _image_export(self, rid: str, image: str) -> None:
+        credit = self._credits[rid]
+        size = 0
+        try:
+            with trio.CancelScope() as self._exports[rid]:
+                async for chunk in self.node.engine.export_image(image):
+                    await credit.take(len(chunk))
+                    self.send(pack({"op": "chunk", "rid": rid}, [chunk]))
+                    size += len(chunk)
+                self.send(message("image_end", rid=rid, size=size))
+        except EngineError as exc:
+            self.send(message("failed", rid=rid, error=f"cannot export {image}: {exc}"))
+        finally:
+            del self._credits[rid], self._exports[rid]
+
+    async def _image_import(self, rid: str, image: str) -> None:
+        inbox = self._inboxes[rid]
+        try:
+            said = await self.node.engine.import_image(inbox)
+            found = await self.node.engine.image_id(image, pull=False)
+            log.info("image %s loaded (%s)", image, "; ".join(said)[:200])
+            self.send(message("imported", rid=rid, id=found))
+        except EngineError as exc:
+            self.send(message("failed", rid=rid, error=f"cannot load {image}: {exc}"))
+        finally:
+            del self._inboxes[rid]
+            await inbox.aclose()
+
+
+def _pool_fields(header: dict[str, Any], parts: list[bytes]) -> dict[str, Any]:
+    """The fields of a message about a pool, checked: an image, a profile and sizes."""
+    fields = fields_of(header, parts)
+    sizes = header.get("sizes")
+    if (not isinstance(header.get("image"), str) or not header["image"]
+            or not isinstance(fields.get("profile"), Profile) or not isinstance(sizes, dict)
+            or set(sizes) - {"min_idle", "max", "idle_ttl"}
+            or not all(isinstance(v, int | float) for v in sizes.values())):
+        raise WireError("a pool without an image, a profile or sizes")
+    return fields
+
+
+def _kind(exc: PoolError) -> str:
+    """What a front does with a failed lease: ``image`` (stream it here from a node that
+    has it), ``timeout`` (no container in time) or ``pool`` (anything else)."""
+    if isinstance(exc.__cause__, ImageMissing):
+        return "image"
+    return "timeout" if isinstance(exc, LeaseTimeout) else "pool"
+
