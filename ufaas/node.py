@@ -140,6 +140,7 @@ class NodeServer:
         try:
             if not self.name:
                 self.name = str((await self.engine.info()).get("Name") or "")
+            await self._remove_leftovers()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_engine)
@@ -158,6 +159,23 @@ class NodeServer:
             self._nursery = None
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.engine.aclose()
+
+    async def _remove_leftovers(self) -> None:
+        """Remove every container a previous run of this node left on its engine (one
+        node per engine): after a crash or a power cut nobody else will."""
+        found = await self.engine.containers({"ufaas.node": self.name})
+
+        async def remove(cid: str) -> None:
+            try:
+                await self.engine.remove(cid)
+            except EngineError as exc:
+                log.warning("could not remove container %s: %s", cid[:12], exc)
+
+        async with trio.open_nursery() as nursery:
+            for info in found:
+                nursery.start_soon(remove, info.id)
+        if found:
+            log.info("removed %d containers of this node's previous run", len(found))
 
     async def _watch_engine(self) -> None:
         while True:
