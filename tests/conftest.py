@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import subprocess
 import sys
 import types
 import uuid
@@ -205,3 +206,46 @@ def front_config(make_config, images):
         return make_config(cluster=cluster, **kw)
 
     return make
+
+
+# -- the lab: a Swarm of docker-in-docker nodes (tests/lab.py) ---------------------------------
+
+# How the nodes of the lab are set: short beats (as NODE_BEATS), and a gone front's
+# containers kept 5 s, so that one test's leftovers do not crowd the next.
+LAB_NODE_ENV = {"UFAAS_CLUSTER_TOKEN": NODE_TOKEN, "UFAAS_CLUSTER_HEARTBEAT": "0.5",
+                "UFAAS_CLUSTER_NODE_TIMEOUT": "3", "UFAAS_CLUSTER_FRONT_GRACE": "5"}
+
+
+@pytest.fixture(scope="session")
+def lab(docker_client, images):
+    """A Swarm of three docker-in-docker nodes on this machine, made once per session
+    (~15-30 s once the node image is built) and removed at its end, each node serving
+    ``ufaas node`` (as ``lab.urls``, named as ``lab.node_names``). Under CI a lab that
+    cannot be made fails the run."""
+    import lab as lab_module
+
+    the_lab = lab_module.Lab(3)
+    try:
+        try:
+            lab_module.build_node_image()
+            app = lab_module.app_image()
+            the_lab.up((*lab_module.TEST_IMAGES, app))
+            the_lab.app = app
+            the_lab.urls = the_lab.serve_nodes(app, LAB_NODE_ENV)
+        except (lab_module.LabError, OSError, subprocess.SubprocessError) as exc:
+            _unavailable(f"cannot make the lab (python3 tests/lab.py build; up): {exc}")
+        the_lab.node_names = [the_lab.name(n) for n in range(1, the_lab.nodes + 1)]
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture
+def healthy_lab(lab):
+    """The lab with every fault of the test undone afterwards, each node's ``ufaas node``
+    taking connections again."""
+    lab.heal()
+    yield lab
+    lab.heal()
+    for n in range(1, lab.nodes + 1):
+        lab.wait_node(n)
