@@ -444,6 +444,7 @@ class RemoteNode(Node):
         self._credits: dict[str, Credit] = {}
         self._inboxes: dict[str, Inbox] = {}
         self._scope = trio.CancelScope()
+        self._ended = False  # this connection's loss is told
 
     def capacity(self) -> int:
         return self.max_containers
@@ -462,6 +463,7 @@ class RemoteNode(Node):
         with self._scope:
             while True:
                 retry = backoff
+                self._ended = False
                 try:
                     why = await self._connection()
                     backoff = RECONNECT_MIN
@@ -477,7 +479,10 @@ class RemoteNode(Node):
                     backoff = min(backoff * 2, RECONNECT_MAX)
                 except WireError as exc:
                     why = f"broke the protocol: {exc}"
-                self._lost(why)
+                if self._ended:  # lost already; what the closing said does not matter
+                    retry = backoff = RECONNECT_MIN
+                else:
+                    self._lost(why)
                 await trio.sleep(retry)
 
     def _lost(self, why: str) -> None:
@@ -529,6 +534,10 @@ class RemoteNode(Node):
                 nursery.start_soon(self._beat_forever)
                 why = await self._receive_forever(ws)
                 nursery.cancel_scope.cancel()
+            # Lost now, before the closing handshake: a hung or cut-off node never
+            # answers it, and its runs must not wait disconnect_timeout more to end.
+            self._lost(why)
+            self._ended = True
             return why
 
     def _greet(self, hello: dict[str, Any]) -> None:
