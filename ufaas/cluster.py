@@ -72,7 +72,9 @@ IMAGE_WINDOW = 8 * MiB
 # that stops talking is lost sooner, after node_timeout).
 KILL_GRACE = 3.0
 RECONNECT_MIN = 0.5
-RECONNECT_MAX = 5.0
+# A node that went is asked again at most this often: a returning node is used again
+# within it (a connection attempt costs little; one to a dead machine times out).
+RECONNECT_MAX = 2.0
 REFUSED_RETRY = 10.0  # a node that refused us is asked again this often
 MISSING_TTL = 60.0  # how long "this node lacks that image" holds before it is asked again
 PROGRESS_EVERY = 5.0  # seconds between two log lines of an image stream
