@@ -52,12 +52,17 @@ async def test_container_killed_mid_function(start_server, make_config, images, 
 
 
 def _dockerd_pids() -> list[int]:
+    """This machine's dockerd: the lab's nodes (tests/lab.py) run dockerds too, which show
+    in /proc but live in PID namespaces of their own, and are not this test's to stop."""
     pids = []
+    ours = os.readlink("/proc/self/ns/pid")
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/stat") as f:
                     fields = f.read().split()
+                if os.readlink(f"/proc/{name}/ns/pid") != ours:
+                    continue
             except OSError:
                 continue
             # A zombie is gone for our purposes, however long it waits to be reaped.
