@@ -81,6 +81,14 @@ async def test_a_function_runs_on_a_remote_node_as_it_would_here(start_node, fro
                                    json={"command": ["cat", "note.txt"]})).json()
         assert (after["locality"], after["stdout"], after["container"], after["node"]) == (
             "hit", "kept\n", first["container"], "node-a"), after
+        # Output files are collected on the node and kept by the front.
+        made = (await client.post("/fn?wait=30", json={
+            "image": images.python, "command": "printf 'made there' > out.txt; : > none.txt",
+            "outputs": ["out.txt", "none.txt"]})).json()
+        assert [(f["path"], f["size"]) for f in made["files"]] == [
+            ("none.txt", 0), ("out.txt", 10)], made
+        got = await client.get(f"/fn/{made['id']}/files/out.txt")
+        assert got.content == b"made there" and made["node"] == "node-a"
         pools = [p for p in (await client.get("/pools")).json() if p["node"] == "node-a"]
         assert [p["image"] for p in pools] == [images.python] and pools[0]["mode"] == "agent"
         assert (await client.get("/healthz")).status_code == 200

@@ -36,6 +36,7 @@ from pool import (
     Lease,
     LeaseTimeout,
     MiB,
+    OnFile,
     Output,
     Place,
     Pool,
@@ -66,6 +67,7 @@ log = logging.getLogger("ufaas.cluster")
 
 RECEIVE_BUFFER = 65536
 STDIN_CHUNK = 65536
+FILE_CHUNK = 1 * MiB  # pieces of an output file handed to on_file
 STDIN_WINDOW = 1 * MiB  # as the node's: bytes of stdin sent and not yet consumed there
 IMAGE_WINDOW = 8 * MiB
 # Beyond a run's own timeout, how long its node may take to say how it ended (a node
@@ -800,11 +802,13 @@ class RemoteLease:
             self.node.send_quietly(message("release", lid=self.lid, discard=self.discard),
                                    self.epoch)
 
-    async def run(self, job: Job, on_output: Any = None, stdin: Any = None) -> Result:
+    async def run(self, job: Job, on_output: Any = None, stdin: Any = None,
+                  on_file: OnFile | None = None) -> Result:
         """As :meth:`pool.Lease.run`. The output is capped here too, whatever the node
         sends; a lost node ends the run as ``error``, naming it. On cancellation the node
         is told to kill the function, and its answer awaited (shielded, bounded) before
-        Cancelled propagates."""
+        Cancelled propagates. Output files come in the node's result, and go to
+        ``on_file`` from there."""
         if self._ran:
             raise RuntimeError("a lease runs one function")
         self._ran = True
@@ -842,6 +846,12 @@ class RemoteLease:
         elif result.outcome == "error":
             result.error = f"node {node.name}: {result.error}"
         result.place = self.place
+        if on_file is not None:
+            for kept in result.files:
+                data, kept.data = kept.data or b"", None
+                await on_file(kept.path, b"")
+                for i in range(0, len(data), FILE_CHUNK):
+                    await on_file(kept.path, data[i:i + FILE_CHUNK])
         return run.output.fill(result)
 
     async def _feed(self, stdin: trio.abc.ReceiveChannel[bytes], run: _Run) -> None:

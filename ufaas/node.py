@@ -10,6 +10,7 @@ takes them over or, when its instance differs, has them removed.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import math
@@ -64,6 +65,9 @@ log = logging.getLogger("ufaas.node")
 # What a front may ask of one run, whatever its own settings: the most output per stream
 # kept (and queued here while the front reads it).
 MAX_OUTPUT_CAP = 64 * MiB
+# ... and of the output files of one run, in all and in number.
+MAX_OUTPUT_FILES = 64 * MiB
+MAX_OUTPUT_COUNT = 1024
 # Bytes of stdin, and of an image, sent and not yet consumed here.
 STDIN_WINDOW = 1 * MiB
 IMAGE_WINDOW = 8 * MiB
@@ -435,6 +439,12 @@ class Session:
         if not isinstance(job, Job):
             raise WireError("a run without a job")
         job.output_cap = min(job.output_cap, MAX_OUTPUT_CAP)
+        if job.outputs is not None:
+            # Collected here into the result (no on_file): their bytes travel in it.
+            job.outputs = dataclasses.replace(
+                job.outputs, max_file=min(job.outputs.max_file, MAX_OUTPUT_FILES),
+                max_total=min(job.outputs.max_total, MAX_OUTPUT_FILES),
+                max_count=min(job.outputs.max_count, MAX_OUTPUT_COUNT))
         if header.get("live"):
             held.stdin = Inbox(STDIN_WINDOW, lambda size: self.send(
                 message("ack", lid=lid, bytes=size)))

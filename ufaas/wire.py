@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from pool import File, Job, Place, PoolStatistics, Profile, Result
+from pool import File, Job, OutputFile, Outputs, Place, PoolStatistics, Profile, Result
 
 from . import __version__
 
@@ -25,7 +25,7 @@ PROTOCOL = 1
 _HEAD = struct.Struct(">I")
 # Dataclasses that may travel, by name: a peer cannot make anything else.
 TYPES: dict[str, type] = {cls.__name__: cls for cls in (Job, Result, File, Place, Profile,
-                                                      PoolStatistics)}
+                                                      PoolStatistics, Outputs, OutputFile)}
 
 
 def schema(types: dict[str, type]) -> str:
