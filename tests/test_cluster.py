@@ -14,7 +14,7 @@ import trio
 from conftest import NODE_TOKEN
 from trio_websocket import ConnectionClosed, open_websocket, serve_websocket
 
-from pool import Place, Profile
+from pool import Job, Place, Profile
 from ufaas import wire
 from ufaas.client import Client
 from ufaas.config import Config, ConfigError, PoolConfig
@@ -285,6 +285,42 @@ async def test_a_peer_that_breaks_the_protocol_is_cut_off(start_node, front_conf
     said = [r.getMessage() for r in caplog.records if r.name == "ufaas.node"]
     assert any("broke the protocol: an unknown or malformed 'exploit'" in m for m in said)
     assert any("broke the protocol: a pool without an image" in m for m in said), said
+
+
+async def test_stdin_right_behind_a_run_is_not_lost(start_node, images):
+    """What a front sends right after a run (its first stdin, the end of it) may reach the
+    node before the run has started there: it is kept for it, every time."""
+    node = await start_node("node-a")
+    headers = [(b"authorization", f"Bearer {NODE_TOKEN}".encode()),
+               (wire.PROTOCOL_HEADER.encode(), wire.speaks().encode()),
+               (wire.FRONT_HEADER.encode(), b"h0me i0")]
+
+    async def until(ws, op):
+        while True:
+            header, parts = wire.unpack(await ws.get_message())
+            if header["op"] == op or header["op"] == "failed":
+                return header, parts
+
+    with trio.fail_after(90):
+        async with open_websocket("127.0.0.1", node.port, "/", use_ssl=False,
+                                  extra_headers=headers, max_message_size=1 << 24) as ws:
+            for i in range(20):
+                lid = f"l{i}"
+                await ws.send_message(wire.message(
+                    "lease", {"profile": Profile(), "near": None}, lid=lid,
+                    image=images.python, configured=False, sizes={"max": 1}, strict=False,
+                    timeout=30))
+                leased, _ = await until(ws, "leased")
+                assert leased["op"] == "leased", leased
+                for data in (wire.message("run", {"job": Job(["cat"])}, lid=lid, live=True),
+                             wire.pack({"op": "stdin", "lid": lid}, [f"in {i}".encode()]),
+                             wire.pack({"op": "stdin", "lid": lid, "eof": True})):
+                    await ws.send_message(data)
+                out, parts = await until(ws, "out")
+                assert parts == [f"in {i}".encode()], (out, parts)
+                result, parts = await until(ws, "result")
+                assert wire.fields_of(result, parts)["result"].outcome == "exited"
+                await ws.send_message(wire.message("release", lid=lid, discard=False))
 
 
 async def test_a_node_that_breaks_the_protocol_is_lost(front_config, start_server, nursery):

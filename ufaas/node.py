@@ -331,6 +331,9 @@ class Session:
             log.warning("front at %s silent for %g s: closing", self.peer, self.timeout)
             return
 
+    def _ack(self, lid: str, size: int) -> None:
+        self.send(message("ack", lid=lid, bytes=size))
+
     def _dispatch(self, header: dict[str, Any], parts: list[bytes]) -> None:
         op, lid = header["op"], _short(header.get("lid"))
         assert self._nursery is not None
@@ -347,6 +350,10 @@ class Session:
         elif op == "run" and lid in self._held and self._held[lid].run is None:
             held = self._held[lid]
             held.run = (header, parts)
+            if header.get("live"):
+                # Made here, not when the run starts: the stdin that follows the run
+                # message may arrive before the lease's task wakes up to start it.
+                held.stdin = Inbox(STDIN_WINDOW, partial(self._ack, lid))
             held.asked.set()
         elif op == "stdin" and lid in self._held:
             inbox = self._held[lid].stdin
@@ -445,9 +452,6 @@ class Session:
                 job.outputs, max_file=min(job.outputs.max_file, MAX_OUTPUT_FILES),
                 max_total=min(job.outputs.max_total, MAX_OUTPUT_FILES),
                 max_count=min(job.outputs.max_count, MAX_OUTPUT_COUNT))
-        if header.get("live"):
-            held.stdin = Inbox(STDIN_WINDOW, lambda size: self.send(
-                message("ack", lid=lid, bytes=size)))
 
         def output(fd: int, data: bytes) -> None:
             self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
