@@ -11,7 +11,7 @@ import functools
 import os
 import struct
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -246,7 +246,7 @@ class Engine:
             raise ImageMissing(f"image {image!r} is not available: {exc}") from exc
 
     async def export_image(self, image: str, chunk: int = IMAGE_CHUNK
-                           ) -> AsyncIterator[bytes]:
+                           ) -> AsyncGenerator[bytes, None]:
         """``docker save`` of one image, as chunks of at most ``chunk`` bytes; each chunk
         has the deadline of one call."""
         api = await self.api()

@@ -10,13 +10,14 @@ that lacks it, and what a node's loss does to its functions are decided here.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import socket
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,7 +298,7 @@ class Node:
     async def image_id(self, image: str) -> str | None:
         raise NotImplementedError
 
-    def export_image(self, image: str) -> AsyncIterator[bytes]:
+    def export_image(self, image: str) -> AsyncGenerator[bytes, None]:
         raise NotImplementedError
 
     async def import_image(self, image: str, chunks: trio.abc.ReceiveChannel[bytes]) -> None:
@@ -394,7 +395,7 @@ class LocalNode(Node):
         except ImageMissing:
             return None
 
-    def export_image(self, image: str) -> AsyncIterator[bytes]:
+    def export_image(self, image: str) -> AsyncGenerator[bytes, None]:
         return self.pools.engine.export_image(image)
 
     async def import_image(self, image: str, chunks: trio.abc.ReceiveChannel[bytes]) -> None:
@@ -734,7 +735,7 @@ class RemoteNode(Node):
         found = header.get("id")
         return found if isinstance(found, str) else None
 
-    async def export_image(self, image: str) -> AsyncIterator[bytes]:
+    async def export_image(self, image: str) -> AsyncGenerator[bytes, None]:
         rid, epoch = uuid.uuid4().hex, self.epoch
         inbox = self._inboxes[rid] = Inbox(IMAGE_WINDOW, lambda size: self.send_quietly(
             message("ack", rid=rid, bytes=size), epoch))
@@ -1068,6 +1069,11 @@ class Cluster:
             target.missing.pop(image, None)
             log.info("image %s: streamed from %s to %s, %.1f MiB", image, source.name,
                      target.name, size / MiB)
+            # Its configured pools could not start there without it: now they can.
+            assert self._nursery is not None
+            for pool in list(self._pools.values()):
+                if pool.configured and pool.image == image:
+                    self._nursery.start_soon(self._ensure, target, pool)
         except (PoolError, trio.TooSlowError) as exc:
             why = f"streaming it failed: {exc or 'took longer than image_timeout'}"
             target.missing[image] = (why, time.monotonic())
@@ -1095,25 +1101,46 @@ class Cluster:
 
     async def _stream(self, image: str, source: Node, target: Node) -> int:
         """``docker save`` on ``source`` into ``docker load`` on ``target``, within
-        ``image_max_bytes``, its progress in the log; the bytes it took."""
+        ``image_max_bytes``, its progress in the log; the bytes it took. PoolError when
+        either end fails or the image is too big: then the target gets an archive that
+        ends early, which it refuses to load, so nothing is left half-loaded."""
         limit = self.settings.image_max_bytes
         log.info("image %s: %s lacks it, streaming it from %s", image, target.name,
                  source.name)
         send, receive = trio.open_memory_channel[bytes](4)
         size, said = 0, time.monotonic()
+        failed: list[PoolError] = []
+
+        async def load() -> None:
+            async with receive:  # a failed load stops the sending at once
+                try:
+                    await target.import_image(image, receive)
+                except PoolError as exc:
+                    failed.append(exc)
+
+        # Errors are kept, not raised, inside the nursery: raised there they would come
+        # out as an exception group, which no caller here expects.
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(target.import_image, image, receive)
-            async with send:
-                async for chunk in source.export_image(image):
-                    size += len(chunk)
-                    if size > limit:
-                        raise PoolError(f"image {image} is more than image_max_bytes "
-                                        f"({limit})")
-                    await send.send(chunk)
-                    if time.monotonic() - said > PROGRESS_EVERY:
-                        said = time.monotonic()
-                        log.info("image %s to %s: %.1f MiB so far", image, target.name,
-                                 size / MiB)
+            nursery.start_soon(load)
+            async with send, contextlib.aclosing(source.export_image(image)) as chunks:
+                try:
+                    async for chunk in chunks:
+                        size += len(chunk)
+                        if size > limit:
+                            failed.insert(0, PoolError(
+                                f"image {image} is more than image_max_bytes ({limit})"))
+                            break
+                        await send.send(chunk)
+                        if time.monotonic() - said > PROGRESS_EVERY:
+                            said = time.monotonic()
+                            log.info("image %s to %s: %.1f MiB so far", image, target.name,
+                                     size / MiB)
+                except PoolError as exc:
+                    failed.insert(0, exc)
+                except trio.BrokenResourceError:
+                    pass  # the load failed: it says why
+        if failed:
+            raise failed[0]
         return size
 
 
