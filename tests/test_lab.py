@@ -5,6 +5,7 @@ test undoes its faults (``healthy_lab``)."""
 
 from __future__ import annotations
 
+import logging
 import signal
 
 import httpx
@@ -149,3 +150,40 @@ async def test_a_killed_front_comes_back_with_its_records(healthy_lab, tmp_path)
                 assert (after["status"], after["stdout"]) == ("succeeded", "after\n"), after
     finally:
         assert second.stop() == 0
+
+
+async def test_an_image_a_node_lacks_is_streamed_to_it(healthy_lab, start_server, front_config,
+                                                       images, caplog):
+    """No registry: a node that lacks an image gets it from a node that has it (docker
+    save into docker load), within image_max_bytes; until then its functions run on
+    the nodes that have it."""
+    caplog.set_level(logging.INFO, logger="ufaas.cluster")
+    lab, lacking = healthy_lab, 3
+    have = lab.docker(1, "image", "inspect", "-f", "{{.Id}}", images.busybox)
+    lab.docker(lacking, "rmi", "-f", images.busybox)
+    pools = [PoolConfig(image=images.busybox, min_idle=1, max=1)]
+    urls, names = [lab.node_url(1), lab.node_url(lacking)], [lab.name(1), lab.name(lacking)]
+    two = {"image": images.busybox, "command": "sleep 1; echo ran"}
+    with trio.fail_after(180):
+        # Too big for the limit: refused, and the work goes to the node that has it.
+        small = await start_server(front_config(urls, pools=pools,
+                                                cluster={"image_max_bytes": 1 << 20}))
+        await wait_nodes(small, names, timeout=60)
+        ran = [(await small.post("/fn", json=two)).json() for _ in range(2)]
+        ends = [(await small.get(f"/fn/{f['id']}?wait=60")).json() for f in ran]
+        assert [(e["status"], e["node"]) for e in ends] == [("succeeded", names[0])] * 2, ends
+        assert any("more than image_max_bytes" in r.getMessage() for r in caplog.records)
+        assert lab.docker(lacking, "image", "inspect", images.busybox, check=False) == "[]"
+        # Within it: streamed once, and used there.
+        client = await start_server(front_config(urls, pools=pools))
+        await wait_nodes(client, names, timeout=60)
+        while lab.docker(lacking, "image", "inspect", "-f", "{{.Id}}", images.busybox,
+                         check=False) != have:
+            await trio.sleep(0.2)
+        await wait_warm(client, names[1])
+        ran = [(await client.post("/fn", json=two)).json() for _ in range(2)]
+        ends = [(await client.get(f"/fn/{f['id']}?wait=60")).json() for f in ran]
+        assert {(e["status"], e["stdout"]) for e in ends} == {("succeeded", "ran\n")}, ends
+        assert {e["node"] for e in ends} == set(names), ends
+    said = [r.getMessage() for r in caplog.records]
+    assert sum(f"streamed from {names[0]} to {names[1]}" in m for m in said) == 1, said
