@@ -150,6 +150,11 @@ class ClusterPool:
     def key(self) -> tuple[str, Profile]:
         return (self.image, self.profile)
 
+    @property
+    def reference(self) -> str:
+        """The image as first named (a node's pool is keyed by its ID there)."""
+        return self.image
+
     def claim(self, near: Place | None = None) -> Lease | None:
         """A lease at once, or None: only this machine's engine can give one without a
         round trip (a remote node's answer is awaited by :meth:`lease`)."""

@@ -131,7 +131,8 @@ class _Collected:
                                       "ones are replaced)", labels=[*labels, "reason"])
         for pool in scheduler.pools:
             s = pool.statistics()
-            names = [s.name, pool.reference]
+            # In a cluster a pool runs on each node, under one name: the node tells them apart.
+            names = [s.name if pool.node is None else f"{s.name}@{pool.node}", pool.reference]
             for state, attribute in POOL_STATES:
                 containers.add_metric([*names, state], getattr(s, attribute))
             waiting.add_metric(names, s.waiting)

@@ -231,7 +231,7 @@ class Scheduler:
         return SchedulerStatistics(pending=self._pending, running=running,
                                    pinned_bytes=self._pinned)
 
-    def running_pool(self, image: str, network: bool) -> Pool | None:
+    def running_pool(self, image: str, network: bool) -> AnyPool | None:
         """The pool that functions of ``image`` and ``network`` run in, if it runs now."""
         return self.pools.get(image, self._profile(image, network))
 
