@@ -126,7 +126,7 @@ def test_dashboard_shows_functions_live(browser, dashboard_server, images, tmp_p
 
     # The API browser reads the same token from the tab's session.
     page.goto(f"{dashboard_server}/docs")
-    expect(page.locator("details.operation")).to_have_count(14)
+    expect(page.locator("details.operation")).to_have_count(15)
     expect(page.locator("#operations")).to_contain_text("/fn/{fid}")
     expect(page.locator("#schema-RecordView")).to_contain_text("duration_ms")
     expect(page.locator("#token-form")).to_be_hidden()
