@@ -77,6 +77,9 @@ async def test_the_stack_runs_functions_over_http_and_websocket(lab, stack, imag
         # Removing the stack takes its warm containers with it: each ufaas node removes
         # its own as it stops.
         await trio.to_thread.run_sync(lambda: lab.docker(1, "stack", "rm", "ufaas"))
-        with trio.fail_after(60):
-            while any(lab.containers(n, "ufaas.pool") for n in range(1, lab.nodes + 1)):
+        left: list = ["?"]
+        with trio.move_on_after(60):
+            while left := [c for n in range(1, lab.nodes + 1)
+                           for c in lab.containers(n, "ufaas.pool")]:
                 await trio.sleep(0.5)
+        assert not left, [(c["Names"], c["State"], c["Labels"]) for c in left]
