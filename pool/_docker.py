@@ -31,6 +31,9 @@ IMAGE_CHUNK = 1 << 20
 _FRAME = struct.Struct(">BxxxI")
 # The engine cuts a stream into frames of at most 32 KiB; anything bigger is not from it.
 MAX_FRAME = 1 << 20
+# Force-removals tried this many times, the n-th retry after n times this many seconds.
+REMOVE_TRIES = 4
+REMOVE_RETRY = 0.25
 
 
 class EngineError(Exception):
@@ -282,16 +285,24 @@ class Engine:
         return await self.call(load, timeout=self.pull_timeout)
 
     async def remove(self, cid: str, timeout: float = 10.0) -> None:
-        """Force-remove a container; a container already gone is not an error."""
+        """Force-remove a container; a container already gone is not an error.
+
+        A removal already under way (AutoRemove, another caller) or refused for now (the
+        engine could not unmount it yet) is tried again a few times: one that fails
+        leaves a container "dead", which only another removal takes away."""
         api = await self.api()
-        try:
-            await self.call(api.remove_container, cid, force=True, v=True, timeout=timeout)
-        except EngineError as exc:
-            if "No such container" in str(exc) or "404" in str(exc):
+        for attempt in range(REMOVE_TRIES):
+            try:
+                await self.call(api.remove_container, cid, force=True, v=True, timeout=timeout)
                 return
-            if "already in progress" in str(exc):
-                return
-            raise
+            except EngineError as exc:
+                if "No such container" in str(exc) or "404" in str(exc):
+                    return
+                if attempt == REMOVE_TRIES - 1:
+                    if "already in progress" in str(exc):
+                        return  # still going: the engine finishes it
+                    raise
+            await trio.sleep(REMOVE_RETRY * (attempt + 1))
 
     async def containers(self, labels: Mapping[str, str] | Iterable[str]) -> list[ContainerInfo]:
         """Containers (running or not) carrying all the given labels (``k=v`` or ``k``)."""

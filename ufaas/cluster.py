@@ -65,6 +65,8 @@ from .wire import (
 )
 
 log = logging.getLogger("ufaas.cluster")
+# Why a node lacks an image when no other ready node has it either: asked again as one joins.
+NO_HOLDER = "no node has it"
 
 RECEIVE_BUFFER = 65536
 STDIN_CHUNK = 65536
@@ -937,11 +939,17 @@ class Cluster:
         return ", ".join(f"{n.name} {n.state}" for n in self.nodes()) or "no node"
 
     def joined(self, node: RemoteNode) -> None:
-        """A node connected: it gets the configured pools, and waiting leases may go there."""
+        """A node connected: it gets the configured pools, and waiting leases may go there.
+        It may hold an image that another node lacked when no node had it: ask again."""
         assert self._nursery is not None
         for pool in list(self._pools.values()):
             if pool.configured:
                 self._nursery.start_soon(self._ensure, node, pool)
+        for other in self.nodes():
+            if other is not node and other.ready:
+                for image, (why, _) in list(other.missing.items()):
+                    if why == NO_HOLDER:
+                        self.supply(image, other, why)
         self.changed()
 
     async def _ensure(self, node: Node, pool: ClusterPool) -> None:
@@ -1065,7 +1073,7 @@ class Cluster:
         try:
             source = await self._holder(image, target)
             if source is None:
-                target.missing[image] = ("no node has it", time.monotonic())
+                target.missing[image] = (NO_HOLDER, time.monotonic())
                 log.warning("image %s: node %s lacks it, and no node has it", image,
                             target.name)
                 return
