@@ -463,5 +463,5 @@ def create_app(scheduler: Scheduler, config: Config,
         await websocket.accept()
         await serve_socket(scheduler, websocket.receive, websocket.send)
 
-    app.register_blueprint(piston_api(scheduler, config))
+    app.register_blueprint(piston_api(scheduler, config, body))
     return app

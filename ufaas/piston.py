@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from quart import Blueprint, Response, g, request, websocket
+from quart import Blueprint, Response, request, websocket
 from semantic_version import NpmSpec, Version
 from werkzeug.exceptions import HTTPException
 
@@ -303,7 +303,10 @@ def succeeded(result: dict[str, Any]) -> bool:
 
 # -- the routes -------------------------------------------------------------------------
 
-def piston_api(scheduler: Scheduler, config: Config) -> Blueprint:
+def piston_api(scheduler: Scheduler, config: Config,
+               read_body: Callable[[], Awaitable[bytes]]) -> Blueprint:
+    """The blueprint; ``read_body`` reads a request's body as every route of the app does
+    (and says so, so that the connection stays open)."""
     runtimes = Runtimes(config)
     api = Blueprint("piston", __name__, url_prefix=PISTON_PREFIX)
 
@@ -356,8 +359,7 @@ def piston_api(scheduler: Scheduler, config: Config) -> Blueprint:
         """Piston: run code, its compile stage first when the runtime has one."""
         if not request.mimetype == "application/json":
             return _reply({"message": "requests must be of type application/json"}, 415)
-        data = await request.get_data(cache=False, as_text=False)
-        g.body_read = True  # else the answer closes the connection (api.close_if_body_unread)
+        data = await read_body()
         try:
             job = runtimes.job(json.loads(data))
             return _reply(await execute(job))
