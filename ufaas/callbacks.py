@@ -77,8 +77,8 @@ class Callbacks:
                 while True:
                     self._wake = trio.Event()
                     now = time.time()
-                    room = CONCURRENT - len(self._sending)
-                    due, after = self.store.due_callbacks(now, room + len(self._sending))
+                    # Those being sent are due too: as many again as may be sent at once.
+                    due, after = self.store.due_callbacks(now, CONCURRENT)
                     for seq, target, attempts in due:
                         if seq not in self._sending and len(self._sending) < CONCURRENT:
                             self._sending.add(seq)
@@ -97,14 +97,14 @@ class Callbacks:
             if record is None:
                 return  # purged meanwhile: its row went with it
             attempt = attempts + 1
-            error = await self._attempt(client, record, json.loads(target), attempt)
+            error, final = await self._attempt(client, record, json.loads(target), attempt)
             callback = record.callback or {}
             callback.update(attempts=attempt, last_error=error)
             due = None
             if error is None:
                 callback["status"] = "delivered"
                 self.delivered += 1
-            elif attempt >= self.attempts or error.startswith("address policy"):
+            elif final or attempt >= self.attempts:
                 callback["status"] = "failed"
                 self.failed += 1
                 log.warning("callback of %s failed after %d attempts: %s", record.id,
@@ -118,8 +118,9 @@ class Callbacks:
             self.wake()
 
     async def _attempt(self, client: httpx.AsyncClient, record: Record, target: dict[str, Any],
-                       attempt: int) -> str | None:
-        """One POST of the record; None when a 2xx answered, else what went wrong."""
+                       attempt: int) -> tuple[str | None, bool]:
+        """One POST of the record: None when a 2xx answered, else what went wrong; and
+        whether trying again is pointless (the address policy refuses the URL)."""
         body = json.dumps(record.public()).encode()
         headers = {**target.get("headers", {}), "Content-Type": "application/json",
                    "User-Agent": f"ufaas/{__version__}", "X-Ufaas-Function": record.id,
@@ -132,7 +133,7 @@ class Callbacks:
                 async with client.stream("POST", url, content=body,
                                          headers=headers) as answer:
                     if 200 <= answer.status_code < 300:
-                        return None
+                        return None, False
                     said = b""
                     async for chunk in answer.aiter_raw():
                         said += chunk
@@ -140,10 +141,10 @@ class Callbacks:
                             break
                     text = said[:ANSWER_BYTES].decode(errors="replace").strip()
                     return f"HTTP {answer.status_code} {answer.reason_phrase}" + (
-                        f": {text}" if text else "")
+                        f": {text}" if text else ""), False
         except trio.TooSlowError:
-            return f"no answer within {self.timeout:g} s"
+            return f"no answer within {self.timeout:g} s", False
         except Forbidden as exc:  # says "address policy: ..."
-            return str(exc)
+            return str(exc), True
         except (httpx.HTTPError, OSError) as exc:
-            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), False
