@@ -129,15 +129,22 @@ async def test_live_output_stdin_and_cancel_through_a_node(start_node, front_con
         assert again["stdout"] == "after\n" and again["container"] == gone["container"]
 
 
-async def test_work_spreads_over_the_nodes(start_node, front_config, start_server, images):
+async def two_warm_nodes(start_node, front_config, start_server, images):
+    """Nodes node-a and node-b, and a front using both, with a warm python container on
+    each (a pool of min_idle 1, max 1 per node): the nodes and the front's client."""
     a, b = await start_node("node-a"), await start_node("node-b")
-    config = front_config([a.url, b.url], pools=[PoolConfig(image=images.python, min_idle=1,
-                                                            max=1)])
-    client = await start_server(config)
-    with trio.fail_after(120):
+    client = await start_server(front_config([a.url, b.url], pools=[PoolConfig(
+        image=images.python, min_idle=1, max=1)]))
+    with trio.fail_after(90):
         await wait_nodes(client, ["node-a", "node-b"])
         await wait_warm(client, "node-a")
         await wait_warm(client, "node-b")
+    return a, b, client
+
+
+async def test_work_spreads_over_the_nodes(start_node, front_config, start_server, images):
+    a, _, client = await two_warm_nodes(start_node, front_config, start_server, images)
+    with trio.fail_after(120):
         ids = [(await client.post("/fn", json=python("import time; time.sleep(1)"))).json()["id"]
                for _ in range(4)]
         done = [(await client.get(f"/fn/{fid}?wait=60")).json() for fid in ids]
@@ -148,14 +155,8 @@ async def test_work_spreads_over_the_nodes(start_node, front_config, start_serve
 
 async def test_a_lost_node_ends_its_runs_and_its_queue_moves(start_node, front_config,
                                                               start_server, images):
-    a, b = await start_node("node-a"), await start_node("node-b")
-    config = front_config([a.url, b.url], pools=[PoolConfig(image=images.python, min_idle=1,
-                                                            max=1)])
-    client = await start_server(config)
+    a, _, client = await two_warm_nodes(start_node, front_config, start_server, images)
     with trio.fail_after(150):
-        await wait_nodes(client, ["node-a", "node-b"])
-        await wait_warm(client, "node-a")
-        await wait_warm(client, "node-b")
         long = [(await client.post("/fn", json=python("import time; time.sleep(120)"))).json()
                 for _ in range(2)]
         running = [await wait_status(client, f["id"], ("running",)) for f in long]
