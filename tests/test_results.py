@@ -264,7 +264,7 @@ async def test_a_file_that_cannot_be_kept_is_said_so(tmp_path):
     await store.open()
     fid = "0f0e0d0c-0000-4000-8000-000000000000"
     (tmp_path / fid).write_text("a file where the directory goes")
-    writer = store.writer(fid, store.grant(1000))
+    writer = store.writer(fid, 1000)
     assert store.granted == 1000
     await writer.on_file("a.txt", b"")
     await writer.on_file("a.txt", b"data")

@@ -22,6 +22,8 @@ from typing import Any, BinaryIO
 
 import trio
 
+from pool import Result
+
 log = logging.getLogger("ufaas")
 
 CHUNK = 256 * 1024
@@ -71,8 +73,9 @@ class FileStore:
         self.granted += room
         return room
 
-    def writer(self, fid: str, granted: int) -> Writer:
-        return Writer(self, self._dir(fid), granted)
+    def writer(self, fid: str, wanted: int) -> Writer:
+        """The writer of one function's files, granted room for up to ``wanted`` bytes."""
+        return Writer(self, self._dir(fid), wanted)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -162,10 +165,11 @@ class FileStore:
 class Writer:
     """Writes one function's files as the pool collects them (its ``on_file``)."""
 
-    def __init__(self, store: FileStore, directory: Path, granted: int) -> None:
+    def __init__(self, store: FileStore, directory: Path, wanted: int) -> None:
         self.store = store
         self.directory = directory
-        self.granted = granted
+        self.wanted = wanted
+        self.granted = store.grant(wanted)
         self.written = 0
         self.count = 0
         self._handle: BinaryIO | None = None
@@ -195,6 +199,22 @@ class Writer:
     def kept(self, files: list[Any]) -> list[Any]:
         """Of the files collected, those kept whole on disk."""
         return files if self.failed is None else files[:max(self.count, 0)]
+
+    def outcome(self, result: Result) -> tuple[list[dict[str, Any]], bool, str | None]:
+        """What the record says of a run's files: those kept, whether some were left out,
+        and why (a failed collection or write, or the budget that granted less room)."""
+        error = result.files_error
+        cut = result.files_truncated or any(f.truncated for f in result.files)
+        if cut and self.granted < self.wanted and \
+                sum(f.size for f in result.files) >= self.granted:
+            self.store.cut += 1
+            error = error or "the server's room for output files (files_max_bytes) is " \
+                "nearly used"
+        kept = self.kept(result.files)
+        listed = [{"path": f.path, "size": f.size, "sha256": f.sha256,
+                   "truncated": f.truncated} for f in kept]
+        return listed, result.files_truncated or len(kept) < len(result.files), \
+            self.failed or error
 
     async def _close_file(self) -> None:
         if self._handle is not None:

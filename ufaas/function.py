@@ -189,10 +189,9 @@ class Function:
         config = scheduler.config
         outputs, writer = None, None
         if spec.outputs:  # room on disk is granted first: the budget cuts, never overflows
-            granted = scheduler.files_store.grant(config.output_max_total)
+            writer = scheduler.files_store.writer(self.id, config.output_max_total)
             outputs = Outputs(tuple(spec.outputs), max_file=config.output_max_file,
-                              max_total=granted, max_count=config.output_max_count)
-            writer = scheduler.files_store.writer(self.id, granted)
+                              max_total=writer.granted, max_count=config.output_max_count)
         job = Job(spec.argv(), files=files, env=dict(spec.env),
                   stdin=spec.stdin.encode() if spec.stdin is not None else None,
                   timeout=spec.timeout, output_cap=config.output_cap, id=self.id,
@@ -205,20 +204,9 @@ class Function:
             lease.discard = self.discard
             if writer is not None:
                 await writer.close()
-        if outputs is not None:
-            cut = result.files_truncated or any(f.truncated for f in result.files)
-            if cut and outputs.max_total < config.output_max_total and \
-                    sum(f.size for f in result.files) >= outputs.max_total:
-                scheduler.files_store.cut += 1
-                result.files_error = result.files_error or (
-                    "the server's room for output files (files_max_bytes) is nearly used")
-            assert writer is not None
-            kept = writer.kept(result.files)
-            self.record.files = [{"path": f.path, "size": f.size, "sha256": f.sha256,
-                                  "truncated": f.truncated} for f in kept]
-            self.record.files_truncated = result.files_truncated or len(kept) < len(
-                result.files)
-            self.record.files_error = writer.failed or result.files_error
+        if writer is not None:
+            self.record.files, self.record.files_truncated, self.record.files_error = (
+                writer.outcome(result))
         self._record_result(result)
 
     def _output(self, fd: int, data: bytes) -> None:
