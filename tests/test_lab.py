@@ -16,6 +16,7 @@ from conftest import NODE_BEATS, NODE_TOKEN
 from test_cluster import python, wait_nodes, wait_status, wait_warm
 
 from ufaas.config import PoolConfig
+from ufaas.node import SWEEP_EVERY
 from ufaas.server import home
 
 pytestmark = pytest.mark.slow
@@ -98,6 +99,12 @@ async def test_a_node_fault_mid_run(fault, healthy_lab, start_server, front_conf
         # What ran there before the fault is gone: no container of the node's is left
         # stopped, and this front's are no more than its pool may hold. (Earlier tests'
         # fronts may still have theirs there, for front_grace.)
+        # A removal the engine failed leaves a container "dead": the node sweeps those
+        # every SWEEP_EVERY seconds.
+        with trio.move_on_after(2 * SWEEP_EVERY + 5):
+            while not all(c["State"] == "running" for c in lab.containers(
+                    VICTIM, f"ufaas.node={victim}")):
+                await trio.sleep(0.5)
         left = lab.containers(VICTIM, f"ufaas.node={victim}")
         assert all(c["State"] == "running" for c in left), left
         ours = [c for c in left if f"ufaas.home={home(config.db)}-{victim}" in c["Labels"]]

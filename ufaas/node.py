@@ -73,6 +73,9 @@ STDIN_WINDOW = 1 * MiB
 IMAGE_WINDOW = 8 * MiB
 RECEIVE_BUFFER = 65536
 MAX_ID = 64  # characters of an id a front gives (a lease's, a request's, its own)
+# How often stopped containers of this node (a removal that failed leaves one "dead") are
+# looked for and removed.
+SWEEP_EVERY = 5.0
 
 
 class NodeError(Exception):
@@ -148,6 +151,7 @@ class NodeServer:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_engine)
+                nursery.start_soon(self._sweep_forever)
                 server = await nursery.start(partial(
                     serve_websocket, self._handle, self.cluster.listen, self.cluster.node_port,
                     None, max_message_size=self.cluster.max_message,
@@ -164,10 +168,12 @@ class NodeServer:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.engine.aclose()
 
-    async def _remove_leftovers(self) -> None:
+    async def _remove_leftovers(self, states: tuple[str, ...] | None = None) -> None:
         """Remove every container a previous run of this node left on its engine (one
-        node per engine): after a crash or a power cut nobody else will."""
-        found = await self.engine.containers({"ufaas.node": self.name})
+        node per engine): after a crash or a power cut nobody else will. With ``states``,
+        only those in one of them."""
+        found = [c for c in await self.engine.containers({"ufaas.node": self.name})
+                 if states is None or c.state in states]
 
         async def remove(cid: str) -> None:
             try:
@@ -179,7 +185,19 @@ class NodeServer:
             for info in found:
                 nursery.start_soon(remove, info.id)
         if found:
-            log.info("removed %d containers of this node's previous run", len(found))
+            log.info("removed %d containers of this node's %s", len(found),
+                     "previous run" if states is None else "that had stopped")
+
+    async def _sweep_forever(self) -> None:
+        """Pool containers remove themselves when they stop (AutoRemove); one whose removal
+        failed stays 'dead' (seen after an engine restart, from an earlier run's removal)
+        until something removes it again: this does, every SWEEP_EVERY seconds."""
+        while True:
+            await trio.sleep(SWEEP_EVERY)
+            try:
+                await self._remove_leftovers(("dead", "exited"))
+            except EngineError as exc:
+                log.warning("could not look for stopped containers: %s", exc)
 
     async def _watch_engine(self) -> None:
         while True:
