@@ -259,7 +259,10 @@ class Engine:
                 yield data
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(chunks.close, abandon_on_cancel=True)
+                try:
+                    await trio.to_thread.run_sync(chunks.close, abandon_on_cancel=True)
+                except ValueError:
+                    pass  # a cancelled call still reads it ("generator already executing")
 
     async def import_image(self, chunks: trio.abc.ReceiveChannel[bytes]) -> list[str]:
         """``docker load`` of the tar whose chunks ``chunks`` yields, within

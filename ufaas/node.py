@@ -518,7 +518,9 @@ class Session:
                     self.send(pack({"op": "chunk", "rid": rid}, [chunk]))
                     size += len(chunk)
                 self.send(message("image_end", rid=rid, size=size))
-        except EngineError as exc:
+        except Exception as exc:  # an export's failure is its own, not the session's
+            if not isinstance(exc, EngineError):
+                log.warning("export of %s failed: %s: %s", image, type(exc).__name__, exc)
             self.send(message("failed", rid=rid, error=f"cannot export {image}: {exc}"))
         finally:
             del self._credits[rid], self._exports[rid]
