@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from quart import Response, g, request, websocket
+from quart import Response, request, websocket
 from quart.utils import encode_headers
 from quart.wrappers.response import DataBody
 from quart_schema import hide
@@ -92,33 +92,74 @@ def authorized(token: bytes, authorization: str, args: Mapping[str, str], *,
 
 async def body() -> bytes:
     """The request body, read whole (Quart enforces MAX_CONTENT_LENGTH and BODY_TIMEOUT)."""
-    data = await request.get_data(cache=False, as_text=False)
-    g.body_read = True
+    data = getattr(request, "whole_body", None)  # see _Connection
+    if data is None:
+        data = await request.get_data(cache=False, as_text=False)
+    request.body_read = True  # type: ignore[attr-defined]  # see _Connection
     assert isinstance(data, bytes)
     return data
 
 
 class _Connection(TrioASGIHTTPConnection):
-    """Quart-Trio's handling of one HTTP request, answered whole and with two steps less:
+    """Quart-Trio's handling of one HTTP request, answered whole and with less around it:
 
-    - the request is handled in the task hypercorn gave it; only the body and a disconnect
-      are watched by a task of their own;
+    - the request is handled in the task hypercorn gave it, which first takes its body
+      (within ``body_timeout`` and ``max_body``), then runs the view: no task watches the
+      connection, so a client that leaves meanwhile is noticed when the view returns (the
+      longest a view waits is ``max_wait``); that saves a task and its cancellation on
+      every request. A body that does not come within those is left to Quart-Trio's own
+      way, a task feeding it that also cancels the request when the client leaves, and
+      Quart answers 408 or 413;
     - once started, the answer is sent shielded (within ``send_timeout``): hypercorn closes
-      a ``Connection: close`` connection from inside that send, and Quart-Trio's watcher,
-      seeing the disconnect this causes, would cancel it half-way, leaving it open;
+      a ``Connection: close`` connection from inside that send, and a watcher, seeing the
+      disconnect this causes, would cancel it half-way, leaving it open;
     - a body held in memory goes with the end of the response (two ASGI messages, not
-      three).
+      three);
+    - a request whose body no view read (refused before reading it, or sent where none
+      belongs) gets its connection closed: its unread rest would stall the client's next
+      request on it.
     """
 
     async def __call__(self, receive: Any, send: Any) -> None:
         request = self._create_request_from_scope(send)
+        size, limit = 0, self.app.config["MAX_CONTENT_LENGTH"]
+        single: bytes | None = None  # the body while it came in one piece
+        with trio.move_on_after(self.app.config["BODY_TIMEOUT"]) as reading:
+            while size <= limit:  # past it, Quart's body refuses it (413)
+                message = await receive()
+                if message["type"] != "http.request":  # gone before its body came
+                    return
+                data = message.get("body", b"")
+                if data and size == 0:
+                    single = data
+                elif data:  # in pieces: gathered as Quart does (one growing buffer)
+                    if single is not None:
+                        request.body.append(single)
+                        single = None
+                    request.body.append(data)
+                size += len(data)
+                if not message.get("more_body", False):
+                    request.body.set_complete()
+                    # In one piece (or none), the views take it as it is (see body()).
+                    request.whole_body = single if size else b""  # type: ignore[attr-defined]
+                    return await self._answer(request, send)
+        if single is not None:
+            request.body.append(single)
+        if reading.cancelled_caught:
+            request.body_timeout = 0  # Quart's body answers 408 to the view that awaits it
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.handle_messages, nursery, request, receive)
-            response = await self.app.handle_request(request)
-            with trio.CancelScope(shield=True) as answering:
-                answering.deadline = trio.current_time() + self.app.config["SEND_TIMEOUT"]
-                await self._send_response(send, response)
+            await self._answer(request, send)
             nursery.cancel_scope.cancel()
+
+    async def _answer(self, request: Any, send: Any) -> None:
+        response = await self.app.handle_request(request)
+        if not getattr(request, "body_read", False) and (
+                request.content_length or "Transfer-Encoding" in request.headers):
+            response.headers["Connection"] = "close"
+        with trio.CancelScope(shield=True) as answering:
+            answering.deadline = trio.current_time() + self.app.config["SEND_TIMEOUT"]
+            await self._send_response(send, response)
 
     async def _send_response(self, send: Any, response: Any) -> None:
         body = getattr(response, "response", None)
@@ -177,7 +218,6 @@ def create_app(scheduler: Scheduler, config: Config,
     show_query = bounded(ShowQuery, wait=wait)
     list_query = bounded(ListQuery, limit=(1, config.max_list))
 
-    @app.before_request
     async def check_token() -> Response | None:
         if request.endpoint in PUBLIC:
             return None
@@ -190,14 +230,8 @@ def create_app(scheduler: Scheduler, config: Config,
             return error(401, "missing or wrong token", headers={"WWW-Authenticate": "Bearer"})
         return None
 
-    @app.after_request
-    async def close_if_body_unread(response: Response) -> Response:
-        # A body we never read (refused before reading it, or sent where none belongs)
-        # would stall the client's next request on this connection: close it instead.
-        if not g.get("body_read") and (request.content_length
-                                       or "Transfer-Encoding" in request.headers):
-            response.headers["Connection"] = "close"
-        return response
+    if token:  # without one there is nothing to check
+        app.before_request(check_token)
 
     @app.before_websocket
     async def check_ws_token() -> Response | None:
@@ -247,13 +281,14 @@ def create_app(scheduler: Scheduler, config: Config,
 
     async def submit(after: str | None, wait: float | None, strict: bool) -> Response:
         raw = await body()
-        function = await scheduler.submit(raw, after=after, strict=strict)
+        function = await scheduler.submit(raw, after=after, strict=strict, waited=bool(wait))
         headers = {"Location": f"/fn/{function.id}"}
         record = function.record
         if wait:
             record = await scheduler.wait(function.id, wait)
             if record.finished:
                 return reply(record.public(), 200, headers)
+            function.persist()
         return reply(record.public(), 202, headers)
 
     @app.get("/fn")

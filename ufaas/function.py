@@ -42,8 +42,12 @@ class Function:
 
     def __init__(self, record: Record, store: Store, hub: Hub, *, spec: Spec | None = None,
                  strict: bool = False, interactive: bool = False, lease: AnyLease | None = None,
+                 unsaved: tuple[bytes, str | None] | None = None,
                  dequeued: Callable[[Function], None] = lambda function: None) -> None:
         self.record = record
+        # A new record not yet saved: its spec as sent and callback target (see persist).
+        self._unsaved = unsaved
+        self.accepted = trio.current_time()
         self.spec = spec
         self.pinned = False  # its spec counts against the scheduler's pending_bytes
         self._lease = lease  # claimed when it was accepted (see started_in)
@@ -52,7 +56,8 @@ class Function:
         self.stdin = StdinPipe() if interactive else None
         self.scope = trio.CancelScope()
         self.started = trio.Event()  # running, or ended without running
-        self.done = trio.Event()
+        self.ended = trio.Event()  # its final record is saved
+        self.done = trio.Event()  # and its container given back, its end announced
         self.changed = trio.Event()  # a PUT gave it a new spec
         self.requeue: trio.CancelScope | None = None  # cancelled to queue it elsewhere
         self.cancel_requested = False
@@ -70,6 +75,20 @@ class Function:
         record.container, record.workdir = lease.place.container, lease.place.workdir
         record.node = lease.place.node
         record.locality = None if lease.hit is None else ("hit" if lease.hit else "miss")
+
+    @property
+    def saved(self) -> bool:
+        return self._unsaved is None
+
+    def persist(self, *, announce: bool = True) -> None:
+        """Save the new record, if it is not yet (see :meth:`Scheduler.submit`'s
+        ``waited``), and announce it to the watchers of all functions."""
+        if self._unsaved is not None:
+            spec_json, callback = self._unsaved
+            self._unsaved = None
+            self._store.insert(self.record, spec_json, callback)
+            if announce:
+                self._hub.publish({"event": "status", "id": self.id, "status": self.status})
 
     @property
     def id(self) -> str:
@@ -208,6 +227,8 @@ class Function:
             self.record.files, self.record.files_truncated, self.record.files_error = (
                 writer.outcome(result))
         self._record_result(result)
+        # Whoever waits for the record answers first; the container goes back after.
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _output(self, fd: int, data: bytes) -> None:
         for stream, text in self.transcript.add(fd, data):
@@ -238,7 +259,11 @@ class Function:
         record.stderr = self.transcript.text("stderr")
         record.status, record.error = status, error
         record.finished_at = time.time()
-        self._store.save(record)
+        if self.saved:
+            self._store.save(record)
+        else:  # the one write of a function nobody was told of before it ended
+            self.persist(announce=False)
+        self.ended.set()
 
 
 def exit_event(record: Record) -> dict[str, Any]:

@@ -30,6 +30,10 @@ log = logging.getLogger("ufaas")
 
 # How long a DELETE waits for its function to be gone before answering.
 CANCEL_WAIT = 5.0
+# A function its caller waits for (?wait) that starts at once is saved once, when it ends,
+# if it ends within this; else it is saved as running then. A server killed meanwhile
+# leaves no record of it: its caller, who alone knew of it, got no answer.
+PERSIST_AFTER = 0.05
 
 
 class NotFound(Exception):
@@ -79,6 +83,9 @@ class Scheduler:
         self._configured = {(pc.image, pc.network): pc for pc in reversed(config.pools)}
         self._default_profiles = {net: Profile(network=net) for net in (False, True)}
         self._nursery: trio.Nursery | None = None
+        # Functions not yet saved (see submit's ``waited``), saved by _persist_late.
+        self._unsaved: dict[str, Function] = {}
+        self._unsaved_added = trio.Event()
         self.observers: list[Callable[[Function], None]] = []
 
     async def serve(self, *, task_status: trio.TaskStatus[Scheduler] = trio.TASK_STATUS_IGNORED
@@ -91,6 +98,7 @@ class Scheduler:
                 except PoolError as exc:  # its functions will say so; the rest serve on
                     log.warning("pool %s not started: %s", pc.image, exc)
             self._nursery = nursery
+            nursery.start_soon(self._persist_late)
             for record in self.store.recover():
                 self._start(Function(record, self.store, self.hub, dequeued=self._dequeued))
             task_status.started(self)
@@ -110,7 +118,8 @@ class Scheduler:
 
     async def submit(self, raw: bytes | None = None, *, data: object = None,
                      parsed: Parsed | None = None, after: str | None = None,
-                     strict: bool = False, interactive: bool = False) -> Function:
+                     strict: bool = False, interactive: bool = False,
+                     waited: bool = False) -> Function:
         """Validate and queue a function; raise BadJSON, SpecError, NotFound, Conflict or
         QueueFull.
 
@@ -118,6 +127,12 @@ class Scheduler:
         ``parsed`` (validated already). A follow-up (``after``) may leave out the image: it
         takes its predecessor's. An ``interactive`` function reads its spec's stdin, then
         what :meth:`feed` gives it.
+
+        The record is saved before this returns, but with ``waited``: the caller waits
+        for the function before it tells anyone its id. Then one that starts at once is
+        saved once, when it ends, if that is within ``PERSIST_AFTER``; else it is saved as
+        running then. The caller calls :meth:`Function.persist` before it tells the id of
+        one that has not ended.
         """
         predecessor = self.get(after) if after is not None else None
         if parsed is None:
@@ -134,15 +149,23 @@ class Scheduler:
         if lease is not None:
             # A warm container was free: the function is accepted as running, in one write.
             Function.started_in(record, lease)
-        self.store.insert(record, parsed.json, _target(spec))
+        unsaved = None
+        if waited and lease is not None:
+            unsaved = (parsed.json, _target(spec))
+        else:
+            self.store.insert(record, parsed.json, _target(spec))
         # A function that waits keeps its spec in memory only within pending_bytes; the
         # rest wait with theirs on disk, read back when they start.
         pinned = lease is None and self._pin(spec)
         function = Function(record, self.store, self.hub,
                             spec=spec if lease is not None or pinned else None, strict=strict,
-                            interactive=interactive, lease=lease, dequeued=self._dequeued)
+                            interactive=interactive, lease=lease, unsaved=unsaved,
+                            dequeued=self._dequeued)
         function.pinned = pinned
         self._start(function)
+        if not function.saved:
+            self._unsaved[function.id] = function
+            self._unsaved_added.set()
         return function
 
     async def update(self, fid: str, raw: bytes) -> Record:
@@ -202,8 +225,8 @@ class Scheduler:
         function = self._functions.get(fid)
         if function is not None:
             with trio.move_on_after(min(timeout, self.config.max_wait)):
-                await function.done.wait()
-            if function.done.is_set():
+                await function.ended.wait()
+            if function.ended.is_set():
                 return function.record
         return self.get(fid)
 
@@ -368,18 +391,33 @@ class Scheduler:
         if function.status == "pending":
             self._pending += 1
         self._nursery.start_soon(self._run, function)
-        self.hub.publish({"event": "status", "id": function.id, "status": function.status})
+        if function.saved:  # else once it is
+            self.hub.publish({"event": "status", "id": function.id, "status": function.status})
 
     async def _run(self, function: Function) -> None:
         try:
             await function.run(self)
         finally:
             del self._functions[function.id]
+            self._unsaved.pop(function.id, None)
             if function.record.callback is not None:
                 self.callbacks.wake()
         if function.record.finished:  # not one left pending by a shutdown
             for observe in self.observers:
                 observe(function)
+
+    async def _persist_late(self) -> None:
+        """Save each unsaved function that has not ended within PERSIST_AFTER."""
+        while True:
+            if not self._unsaved:
+                self._unsaved_added = trio.Event()
+                await self._unsaved_added.wait()
+            await trio.sleep(PERSIST_AFTER)
+            now = trio.current_time()
+            for fid, function in list(self._unsaved.items()):
+                if function.saved or now - function.accepted >= PERSIST_AFTER:
+                    function.persist()
+                    del self._unsaved[fid]
 
     def _dequeued(self, function: Function) -> None:
         self._pending -= 1

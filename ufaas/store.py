@@ -210,17 +210,20 @@ class Store:
 
     def insert(self, record: Record, spec: bytes | str, callback: str | None = None
                ) -> Record:
-        """Add a new record with its spec as sent (JSON), and its callback's target (JSON:
-        url and headers), due once the function ends."""
+        """Add a new record (its output too: it may have ended already) with its spec as
+        sent (JSON), and its callback's target (JSON: url and headers), due once the
+        function ends."""
         with self._transaction():
             cur = self._db.execute(
-                "INSERT INTO functions (id, status, record) VALUES (?, ?, ?)",
-                (record.id, record.status, _dump(record)))
+                "INSERT INTO functions (id, status, record, stdout, stderr) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (record.id, record.status, _dump(record), record.stdout, record.stderr))
             self._db.execute("INSERT INTO specs (seq, spec) VALUES (?, ?)",
                              (cur.lastrowid, spec))
             if callback is not None:
-                self._db.execute("INSERT INTO callbacks (seq, target) VALUES (?, ?)",
-                                 (cur.lastrowid, callback))
+                self._db.execute("INSERT INTO callbacks (seq, target, due) VALUES (?, ?, ?)",
+                                 (cur.lastrowid, callback,
+                                  time.time() if record.finished else None))
         record.seq = cur.lastrowid
         return record
 
