@@ -118,3 +118,37 @@ async def test_strict_follow_up_in_another_pool_is_refused(start_server, make_co
         assert hit["locality"] == "hit" and hit["stdout"] == "x\n"
         assert len([r for r in (await client.get("/fn?status=all")).json()]) == 2
 
+
+
+async def test_a_waited_function_is_recorded_once_it_runs_long(start_server, python_config,
+                                                               images):
+    """A function sent with ?wait that starts at once is written when it ends, if soon
+    (PERSIST_AFTER), else as running then: the listing (read from SQLite) shows it while it
+    runs; one whose wait ends first is listed before its 202 comes back."""
+    with trio.fail_after(CAP):
+        client = await start_server(python_config())
+        answers = []
+
+        async def waited(body, wait):
+            answers.append(await client.post(f"/fn?wait={wait}", json=body))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waited, spec(images, "echo up; sleep 2"), 30)
+            with trio.fail_after(10):
+                while not (listed := (await client.get("/fn?status=running")).json()):
+                    await trio.sleep(0.02)
+        (done,) = answers
+        assert done.status_code == 200 and done.json()["status"] == "succeeded", done.text
+        assert [r["id"] for r in listed] == [done.json()["id"]]
+        assert listed[0]["started_at"] == done.json()["started_at"]
+
+        r = await client.post("/fn?wait=0.01", json=spec(images, "sleep 30"))
+        assert r.status_code == 202 and r.json()["status"] == "running", r.text
+        assert [x["id"] for x in (await client.get("/fn")).json()] == [r.json()["id"]]
+        await client.delete(f"/fn/{r.json()['id']}")
+
+        quick = (await client.post("/fn?wait=30", json=spec(images, "echo hi"))).json()
+        assert quick["status"] == "succeeded"
+        (stored,) = (await client.get("/fn?status=succeeded&limit=1")).json()
+        assert stored["id"] == quick["id"] and stored["stdout"] == "hi\n"
+        assert (await client.get(f"/fn/{quick['id']}")).json() == quick
