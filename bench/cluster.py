@@ -3,7 +3,8 @@ remote node beside one to the front's own engine, in the same run; throughput wi
 and 3 nodes; the time from a node joining to its first warm container; and how long each
 fault of a node takes to end its running function.
 
-Run from the repository root: ``python -m bench.cluster [--json PATH]``. Needs the lab's
+Run from the repository root: ``python -m bench.cluster [--json PATH] [--only SECTION]``
+(``--only hop`` times the extra hop alone, in about a minute). Needs the lab's
 images (``python tests/lab.py build``); brings the lab up and takes it down at the end
 (``--keep`` leaves it up). Every front is a ``ufaas`` process of its own, as in
 ``python -m bench``; every node is ``ufaas node`` in a container on a lab node's engine.
@@ -221,10 +222,7 @@ def faults(lab: Any, directory: Path) -> list[dict[str, Any]]:
 
 def report(rows: dict[str, Row], levels: list[dict[str, Any]], joins: list[dict[str, float]],
            ends: list[dict[str, Any]]) -> dict[str, Any]:
-    def p(samples: list[float], q: float) -> float:
-        ordered = sorted(samples)
-        return ordered[max(int(q / 100 * len(ordered) + 0.999999) - 1, 0)]
-
+    p = _percentile
     print(f"{'warm echo hi, one at a time':<40} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'fail':>4}")
     for row in rows.values():
@@ -234,6 +232,8 @@ def report(rows: dict[str, Row], levels: list[dict[str, Any]], joins: list[dict[
         rows["local"].samples_ms)
     print(f"the extra hop: {extra:+.2f} ms p50 (target <= 1.5 ms: "
           f"{'met' if extra <= 1.5 else 'MISSED'})\n")
+    if not levels:
+        return {"hop": hop_of(rows), "extra_hop_p50_ms": extra}
     print(f"{'nodes':>5} {'functions/s':>12} {'p50 ms':>8} {'front CPU ms/fn':>16} "
           f"{'nodes used':>10} {'errors':>6}   (concurrency {CONCURRENCY})")
     for lv in levels:
@@ -251,11 +251,19 @@ def report(rows: dict[str, Row], levels: list[dict[str, Any]], joins: list[dict[
         print(f"{e['fault']:<34} {e['error_ms']:>11.0f}  {e['error'].split(' (')[0][:70]}")
     print(f"(heartbeat {HEARTBEAT:g} s, node_timeout {NODE_TIMEOUT:g} s: the stated deadline "
           f"is node_timeout + one heartbeat)")
-    return {"hop": {k: {"p50_ms": statistics.median(r.samples_ms),
-                        "p99_ms": p(r.samples_ms, 99), "n": len(r.samples_ms),
-                        "failures": r.failures[:5]} for k, r in rows.items()},
-            "extra_hop_p50_ms": extra, "throughput": levels, "joins": joins, "faults": ends,
-            "lab_nodes": 3, "concurrency": CONCURRENCY}
+    return {"hop": hop_of(rows), "extra_hop_p50_ms": extra, "throughput": levels,
+            "joins": joins, "faults": ends, "lab_nodes": 3, "concurrency": CONCURRENCY}
+
+
+def hop_of(rows: dict[str, Row]) -> dict[str, Any]:
+    return {k: {"p50_ms": statistics.median(r.samples_ms),
+                "p99_ms": _percentile(r.samples_ms, 99), "n": len(r.samples_ms),
+                "failures": r.failures[:5]} for k, r in rows.items()}
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[max(int(q / 100 * len(ordered) + 0.999999) - 1, 0)]
 
 
 lab_module: Any = None
@@ -264,12 +272,16 @@ lab_module: Any = None
 def main(argv: list[str] | None = None) -> int:
     global lab_module
     parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__)
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--json", type=Path, help=f"default {DEFAULT_JSON.name} in "
+                        f"{DEFAULT_JSON.parent}, cluster-hop.json with --only hop")
     parser.add_argument("--n", type=int, default=N_HOP, help="timed calls per hop row")
     parser.add_argument("--per-level", type=int, default=PER_LEVEL)
     parser.add_argument("--joins", type=int, default=JOINS)
     parser.add_argument("--keep", action="store_true", help="leave the lab up")
+    parser.add_argument("--only", choices=("hop",), help="run that section alone")
     args = parser.parse_args(argv)
+    if args.json is None:
+        args.json = DEFAULT_JSON.with_stem(f"cluster-{args.only}") if args.only else DEFAULT_JSON
     lab_module = load_lab()
     lab = lab_module.Lab(3)
     docker_client = docker.from_env()
@@ -283,9 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="ufaas-bench-cluster-") as tmp:
             directory = Path(tmp)
             rows = hop(lab, directory, args.n)
-            levels = throughput(lab, directory, args.per_level)
-            joins = joining(lab, directory, args.joins)
-            ends = faults(lab, directory)
+            levels, joins, ends = [], [], []
+            if args.only is None:
+                levels = throughput(lab, directory, args.per_level)
+                joins = joining(lab, directory, args.joins)
+                ends = faults(lab, directory)
         result = report(rows, levels, joins, ends)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
