@@ -142,6 +142,32 @@ async def two_warm_nodes(start_node, front_config, start_server, images):
     return a, b, client
 
 
+async def test_the_front_sees_a_nodes_pools_as_they_are_between_beats(
+        start_node, front_config, start_server, images):
+    """Leases and releases tell the front a pool's counters alone: with beats too far apart
+    to help, what ``GET /pools`` shows of the node's pool after them is what the node has."""
+    slow = {"heartbeat": 60, "node_timeout": 120}
+    node = await start_node("node-a", cluster=slow)
+    client = await start_server(front_config([node.url], cluster=slow))
+    with trio.fail_after(90):
+        await wait_nodes(client, ["node-a"])
+        running = (await client.post("/fn", json=python("import time; time.sleep(2)"))).json()
+        await wait_status(client, running["id"], ("running",))
+        for _ in range(3):  # on the other container, while the first is busy
+            done = (await client.post("/fn?wait=30", json=python("print(1)"))).json()
+            assert done["status"] == "succeeded", done
+        await wait_status(client, running["id"], ("succeeded",))
+        [pool] = list(node.node._fronts.values())[0].pools
+        while True:
+            stats = pool.statistics()
+            [shown] = [p for p in (await client.get("/pools")).json() if p["node"] == "node-a"]
+            if (shown["warm"], shown["busy"], shown["total"]) == (
+                    stats.idle, stats.busy, stats.total) and not stats.busy:
+                break
+            await trio.sleep(0.05)
+        assert stats.total == 2 and stats.started == 2
+
+
 async def test_work_spreads_over_the_nodes(start_node, front_config, start_server, images):
     a, _, client = await two_warm_nodes(start_node, front_config, start_server, images)
     with trio.fail_after(120):

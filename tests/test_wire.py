@@ -57,6 +57,18 @@ def test_a_field_added_later_travels_and_changes_the_schema(monkeypatch):
     assert wire.schema(wire.TYPES) != before
 
 
+def test_a_pools_counters_travel_alone():
+    stats = PoolStatistics("sha256:x", "img", "agent", 1, 2, 0, 3, 0, 5, 0, "why",
+                           retired={"idle": 2})
+    moved = wire.with_counts(stats, [0, 3, 0, 3, 1, 6])
+    assert (moved.idle, moved.busy, moved.waiting, moved.started) == (0, 3, 1, 6)
+    assert (moved.last_error, moved.retired) == ("why", {"idle": 2})  # the rest stays
+    assert wire.with_counts(stats, wire.counts(stats)) == stats
+    for bad in ([1, 2, 3], [0, 0, 0, 0, 0, -1], [0, 0, 0, 0, 0, True], "123456", None):
+        with pytest.raises(wire.WireError):
+            wire.with_counts(stats, bad)
+
+
 def test_the_handshake_says_what_differs():
     ours = wire.speaks()
     assert wire.mismatch(ours, ours, we="node", they="front") is None

@@ -62,6 +62,7 @@ from .wire import (
     pack,
     speaks,
     unpack,
+    with_counts,
 )
 
 log = logging.getLogger("ufaas.cluster")
@@ -449,6 +450,7 @@ class RemoteNode(Node):
         self.max_containers = 0
         self._contact: float | None = None
         self._views: dict[tuple[str, Profile], RemotePool] = {}
+        self._numbered: dict[int, tuple[str, Profile]] = {}  # a pool's number -> its key
         self._ids: dict[str, str] = {}  # an image as the front names it -> its ID there
         self._outbox: trio.MemorySendChannel[bytes] | None = None
         self._requests: dict[str, _Request] = {}
@@ -518,6 +520,7 @@ class RemoteNode(Node):
         for inbox in self._inboxes.values():
             inbox.end(reason)
         self._views.clear()
+        self._numbered.clear()
         self.cluster.changed()
 
     async def _connection(self) -> str:
@@ -620,16 +623,16 @@ class RemoteNode(Node):
             pools = fields_of(header, parts).get("pools")
             if not isinstance(pools, list):
                 raise WireError("a beat without its pools")
-            views = [RemotePool.of(self.name, view) for view in pools]
-            self._views = {(v.image, v.profile): v for v in views}
+            self._views, self._numbered = {}, {}
+            for view in pools:
+                self._keep(view)
             state = "ready" if header["engine"] else "engine down"
             if state != self.state and self.state in ("ready", "engine down"):
                 log.warning("node %s: %s", self.name, state)
                 self.state = state
                 self.cluster.changed()
         elif op == "view":
-            view = RemotePool.of(self.name, fields_of(header, parts).get("pool"))
-            self._views[(view.image, view.profile)] = view
+            self._view_in(header, parts)
             self.cluster.changed()
         elif op == "out" and key in self._runs:
             fd = header.get("fd")
@@ -687,10 +690,32 @@ class RemoteNode(Node):
     def room(self) -> int:
         return self.max_containers - sum(v.stats.total for v in self._views.values())
 
-    def _learn(self, pool: ClusterPool, header: dict[str, Any], parts: list[bytes]) -> None:
-        view = RemotePool.of(self.name, fields_of(header, parts).get("pool"))
+    def _keep(self, said: Any) -> RemotePool:
+        """A pool's full view, numbered as the node numbers it."""
+        view = RemotePool.of(self.name, said)
+        number = said.get("number")
+        if type(number) is not int:
+            raise WireError("a pool view without its number")
         self._views[(view.image, view.profile)] = view
-        self._ids[pool.image] = view.image
+        self._numbered[number] = (view.image, view.profile)
+        return view
+
+    def _view_in(self, header: dict[str, Any], parts: list[bytes]) -> RemotePool | None:
+        """The pool a message is about, its view updated: in full, or its counters alone
+        (None when that pool is unknown here: one that closed, then said its last)."""
+        if "counts" not in header:
+            return self._keep(fields_of(header, parts).get("pool"))
+        number = header.get("pool")
+        key = self._numbered.get(number) if type(number) is int else None
+        view = self._views.get(key) if key is not None else None
+        if view is not None:
+            view.stats = with_counts(view.stats, header["counts"])
+        return view
+
+    def _learn(self, pool: ClusterPool, header: dict[str, Any], parts: list[bytes]) -> None:
+        view = self._view_in(header, parts)
+        if view is not None:
+            self._ids[pool.image] = view.image
 
     def _pool_message(self, op: str, pool: ClusterPool, near: Place | None = None,
                       **plain: Any) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import itertools
 import logging
 import math
 import time
@@ -40,18 +41,21 @@ from pool import (
     Pool,
     PoolError,
     Pools,
+    PoolStatistics,
     Profile,
     Result,
 )
 
 from .config import Config
 from .wire import (
+    COUNTERS,
     FRONT_HEADER,
     PROTOCOL_HEADER,
     TOKEN_HEADER,
     Credit,
     Inbox,
     WireError,
+    counts,
     fields_of,
     message,
     mismatch,
@@ -89,6 +93,12 @@ def pool_view(pool: Pool) -> dict[str, Any]:
             "profile": pool.profile, "min_idle": pool.min_idle, "max": pool.max,
             "configured": pool.configured, "statistics": pool.statistics(),
             "containers": pool.container_ids()}
+
+
+# The fields of a pool's statistics that are not counters: a change to one of them sends
+# the pool's full view.
+_NOT_COUNTERS = tuple(f.name for f in dataclasses.fields(PoolStatistics)
+                      if f.name not in COUNTERS)
 
 
 def _short(value: object) -> str:
@@ -297,6 +307,10 @@ class Session:
         self._inboxes: dict[str, Inbox] = {}
         self._credits: dict[str, Credit] = {}
         self._exports: dict[str, trio.CancelScope] = {}
+        # Each pool's number in this session, and the rest of its view (all but its
+        # counters) as the front was last told it.
+        self._shown: dict[Pool, tuple[int, tuple]] = {}
+        self._numbers = itertools.count()
         self._nursery: trio.Nursery | None = None
 
     def send(self, data: bytes) -> None:
@@ -333,9 +347,31 @@ class Session:
 
     async def _beat_forever(self) -> None:
         while True:
-            self.send(message("beat", {"pools": [pool_view(p) for p in self.pools]},
+            # Every pool in full, every beat: the front's view of them is never older.
+            self._shown = {p: self._shown[p] for p in self.pools if p in self._shown}
+            self.send(message("beat", {"pools": [self._view(p) for p in self.pools]},
                               engine=self.node.engine_ok))
             await trio.sleep(self.node.cluster.heartbeat)
+
+    def _view(self, pool: Pool) -> dict[str, Any]:
+        """``pool``'s full view, numbered for this session, as the front is now told."""
+        view = pool_view(pool)
+        number = self._shown[pool][0] if pool in self._shown else next(self._numbers)
+        self._shown[pool] = (number, _rest(view))
+        view["number"] = number
+        return view
+
+    def _about(self, op: str, pool: Pool, **plain: Any) -> bytes:
+        """A message about ``pool``: its number and counters alone when the rest of its
+        view is what the front was last told (a lease or a release changes counters
+        only), its full view otherwise. Most messages of a run are these: the counters
+        spare encoding and decoding a view each time."""
+        shown = self._shown.get(pool)
+        if shown is not None:
+            view = pool_view(pool)
+            if _rest(view) == shown[1]:
+                return message(op, pool=shown[0], counts=counts(view["statistics"]), **plain)
+        return message(op, {"pool": self._view(pool)}, **plain)
 
     async def _receive_forever(self) -> None:
         while True:
@@ -428,7 +464,7 @@ class Session:
         except PoolError as exc:
             self.send(message("failed", rid=rid, error=str(exc), kind=_kind(exc)))
             return
-        self.send(message("pool", {"pool": pool_view(pool)}, rid=rid))
+        self.send(self._about("pool", pool, rid=rid))
 
     async def _lease(self, lid: str, held: _Held, fields: dict[str, Any],
                      header: dict[str, Any]) -> None:
@@ -443,9 +479,9 @@ class Session:
                     self.send(message("failed", lid=lid, error=str(exc), kind=_kind(exc)))
                     return
                 try:
-                    self.send(message("leased", {"pool": pool_view(pool)}, lid=lid,
-                                      container=lease.place.container,
-                                      workdir=lease.place.workdir, hit=lease.hit))
+                    self.send(self._about("leased", pool, lid=lid,
+                                          container=lease.place.container,
+                                          workdir=lease.place.workdir, hit=lease.hit))
                     await held.asked.wait()
                     if held.run is not None:
                         await self._run(lid, held, lease)
@@ -453,7 +489,7 @@ class Session:
                 finally:
                     lease.discard = held.discard
                     lease.release()
-                    self.send(message("view", {"pool": pool_view(pool)}))
+                    self.send(self._about("view", pool))
         finally:
             del self._held[lid]
 
@@ -537,6 +573,13 @@ class Session:
         finally:
             del self._inboxes[rid]
             await inbox.aclose()
+
+
+def _rest(view: dict[str, Any]) -> tuple:
+    """All of a pool's view but its counters."""
+    stats = view["statistics"]
+    return (tuple(v for k, v in view.items() if k != "statistics"),
+            tuple(getattr(stats, name) for name in _NOT_COUNTERS))
 
 
 def _pool_fields(header: dict[str, Any], parts: list[bytes]) -> dict[str, Any]:

@@ -21,7 +21,9 @@ from pool import File, Job, OutputFile, Outputs, Place, PoolStatistics, Profile,
 
 from . import __version__
 
-PROTOCOL = 1
+# 2: a pool's state travels as its counters alone (COUNTERS) when nothing else of it
+# changed since its full view went to that front.
+PROTOCOL = 2
 _HEAD = struct.Struct(">I")
 # Dataclasses that may travel, by name: a peer cannot make anything else.
 TYPES: dict[str, type] = {cls.__name__: cls for cls in (Job, Result, File, Place, Profile,
@@ -40,6 +42,11 @@ SCHEMA = schema(TYPES)
 TOKEN_HEADER = "authorization"
 PROTOCOL_HEADER = "ufaas-protocol"
 FRONT_HEADER = "ufaas-front"
+
+
+# What changes with every lease and release of a pool: sent alone, in this order, when the
+# rest of its view (settings, containers, errors) is what the front was last told.
+COUNTERS = ("idle", "busy", "starting", "total", "waiting", "started")
 
 
 class WireError(Exception):
@@ -161,6 +168,19 @@ def _decode(value: Any, parts: list[bytes]) -> Any:
         return cls(**{k: _decode(v, parts) for k, v in fields.items()})
     except (TypeError, ValueError) as exc:
         raise WireError(f"a {cls.__name__} that does not hold: {exc}") from None
+
+
+def counts(stats: PoolStatistics) -> list[int]:
+    """The :data:`COUNTERS` of ``stats``."""
+    return [getattr(stats, name) for name in COUNTERS]
+
+
+def with_counts(stats: PoolStatistics, said: object) -> PoolStatistics:
+    """``stats`` with the counters a peer sent (:func:`counts`), or WireError."""
+    if (not isinstance(said, list) or len(said) != len(COUNTERS)
+            or not all(type(n) is int and n >= 0 for n in said)):
+        raise WireError(f"counters that are not {len(COUNTERS)} counts")
+    return dataclasses.replace(stats, **dict(zip(COUNTERS, said, strict=True)))
 
 
 def message(op: str, fields: dict[str, Any] | None = None, **plain: Any) -> bytes:
