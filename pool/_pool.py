@@ -445,6 +445,21 @@ class Pool:
         self._take(c)
         return Lease(self, c, uuid.uuid4().hex, None)
 
+    def claim_idle(self, cid: str, workdir: str) -> Lease | None:
+        """A lease at once on container ``cid`` in a new ``workdir``, or None when it is
+        not idle: for a caller that chose it from :meth:`idle_ids` (a front that does
+        its own choosing, and must not wait a round trip for a node's)."""
+        c = self._containers.get(cid)
+        if (self._closed or c is None or c.state != "idle" or not c.runner.alive
+                or workdir in c.workdirs):
+            return None
+        self._take(c)
+        return Lease(self, c, workdir, None)
+
+    def idle_ids(self) -> list[str]:
+        """The idle containers, the one :meth:`claim` gives next last."""
+        return [c.id for c in self._idle]
+
     async def _acquire(self, near: Place | None, strict: bool) -> Lease:
         """A lease when :meth:`claim` had none to give: wait for ``near``'s busy container,
         or for any container."""

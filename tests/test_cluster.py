@@ -352,6 +352,62 @@ async def test_stdin_right_behind_a_run_is_not_lost(start_node, images):
                 await ws.send_message(wire.message("release", lid=lid, discard=False))
 
 
+async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, images):
+    """A front that sees an idle container in a pool's view claims it and sends the run
+    right behind, without waiting: the node takes that container before reading on, and
+    a claim of one that is not idle (taken, or gone) fails, its run with it."""
+    node = await start_node("node-a")
+    headers = [(b"authorization", f"Bearer {NODE_TOKEN}".encode()),
+               (wire.PROTOCOL_HEADER.encode(), wire.speaks().encode()),
+               (wire.FRONT_HEADER.encode(), b"h0me i0")]
+
+    async def until(ws, op, lid=None):
+        while True:
+            header, parts = wire.unpack(await ws.get_message())
+            if header["op"] in (op, "failed") and header.get("lid", lid) == lid:
+                return header, parts
+
+    def claim(lid, number, cid):
+        return wire.message("claim", lid=lid, pool=number, container=cid,
+                            workdir=lid.ljust(32, "0"))
+
+    with trio.fail_after(90):
+        async with open_websocket("127.0.0.1", node.port, "/", use_ssl=False,
+                                  extra_headers=headers, max_message_size=1 << 24) as ws:
+            await ws.send_message(wire.message(
+                "pool", {"profile": Profile(), "near": None}, rid="r1", image=images.python,
+                configured=True, sizes={"min_idle": 1, "max": 1}))
+            header, parts = await until(ws, "pool")
+            number = wire.fields_of(header, parts)["pool"]["number"]
+            while True:  # until a beat shows the pool's container idle
+                header, parts = await until(ws, "beat")
+                [view] = wire.fields_of(header, parts)["pools"]
+                if view["idle"]:
+                    break
+            [cid] = view["idle"]
+            await ws.send_message(claim("a1", number, cid))
+            await ws.send_message(wire.message("run", {"job": Job(["echo", "hi"])}, lid="a1",
+                                               live=False))
+            await ws.send_message(claim("a2", number, cid))  # taken by a1
+            await ws.send_message(wire.message("run", {"job": Job(["echo", "no"])}, lid="a2",
+                                               live=False))
+            failed, _ = await until(ws, "failed", "a2")
+            assert failed["op"] == "failed" and "no longer idle" in failed["error"], failed
+            out, parts = await until(ws, "out", "a1")
+            assert parts == [b"hi\n"], (out, parts)
+            result, parts = await until(ws, "result", "a1")
+            assert wire.fields_of(result, parts)["result"].outcome == "exited"
+            await ws.send_message(wire.message("release", lid="a1", discard=False))
+            view, _ = await until(ws, "view")
+            assert view["pool"] == number and view["idle"] == [cid], view
+            await ws.send_message(claim("a3", "no such pool", cid))
+            assert (await until(ws, "failed", "a3"))[0]["op"] == "failed"
+            await ws.send_message(claim("a4", number, cid))  # idle again: it is taken
+            await ws.send_message(wire.message("release", lid="a4", discard=False))
+            view, _ = await until(ws, "view")
+            assert view["idle"] == [cid], view
+
+
 async def test_a_node_that_breaks_the_protocol_is_lost(front_config, start_server, nursery):
     """The front checks what a node claims as a node checks the front: here a node that
     greets properly, then sends a beat whose pools are not pools."""

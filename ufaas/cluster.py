@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import socket
@@ -109,6 +110,8 @@ class RemotePool:
     configured: bool
     stats: PoolStatistics
     containers: list[str]
+    idle: list[str]  # the idle containers, the one the node would give next last
+    number: int = -1  # as the node numbers it in this connection
 
     def statistics(self) -> PoolStatistics:
         return self.stats
@@ -120,13 +123,20 @@ class RemotePool:
         try:
             pool = cls(node=node, **{k: view[k] for k in (
                 "name", "reference", "image", "profile", "min_idle", "max", "configured")},
-                stats=view["statistics"], containers=list(view["containers"]))
+                stats=view["statistics"], containers=list(view["containers"]),
+                idle=_ids(view["idle"]))
         except (KeyError, TypeError) as exc:
             raise WireError(f"a pool view that does not hold: {exc}") from None
         if not isinstance(pool.profile, Profile) or not all(
                 isinstance(c, str) for c in pool.containers):
             raise WireError("a pool view with no profile or odd containers")
         return pool
+
+
+def _ids(said: object) -> list[str]:
+    if not isinstance(said, list) or not all(isinstance(c, str) for c in said):
+        raise WireError("container IDs that are not")
+    return said
 
 
 # -- the pools of one image across the nodes -------------------------------------------------
@@ -158,14 +168,24 @@ class ClusterPool:
         """The image as first named (a node's pool is keyed by its ID there)."""
         return self.image
 
-    def claim(self, near: Place | None = None) -> Lease | None:
-        """A lease at once, or None: only this machine's engine can give one without a
-        round trip (a remote node's answer is awaited by :meth:`lease`)."""
+    def claim(self, near: Place | None = None) -> Lease | RemoteLease | None:
+        """A lease at once, or None: from this machine's engine, else (without ``near``)
+        an idle container a remote node's view shows, claimed without waiting for its
+        answer (see :meth:`RemoteNode.claim`)."""
         local = self.cluster.local
-        if local is None or not local.ready or (near is not None and near.node != local.name):
+        if local is not None and local.ready and (near is None or near.node == local.name):
+            pool = local.pools.get(self.image, self.profile)
+            lease = pool.claim(near) if pool is not None else None
+            if lease is not None or near is not None:
+                return lease
+        if near is not None:
             return None
-        pool = local.pools.get(self.image, self.profile)
-        return pool.claim(near) if pool is not None else None
+        for node in self.cluster.remote_nodes():
+            remote = node.claim(self)
+            if remote is not None:
+                self.last_leased = time.monotonic()
+                return remote
+        return None
 
     @asynccontextmanager
     async def lease(self, near: Place | None = None, *, strict: bool = False,
@@ -451,6 +471,9 @@ class RemoteNode(Node):
         self._contact: float | None = None
         self._views: dict[tuple[str, Profile], RemotePool] = {}
         self._numbered: dict[int, tuple[str, Profile]] = {}  # a pool's number -> its key
+        # Claims sent whose container the node's views may still show idle: until their
+        # run ends, their claim fails, or they are released unused.
+        self._claims: dict[str, RemoteLease] = {}
         self._ids: dict[str, str] = {}  # an image as the front names it -> its ID there
         self._outbox: trio.MemorySendChannel[bytes] | None = None
         self._requests: dict[str, _Request] = {}
@@ -521,6 +544,7 @@ class RemoteNode(Node):
             inbox.end(reason)
         self._views.clear()
         self._numbered.clear()
+        self._claims.clear()
         self.cluster.changed()
 
     async def _connection(self) -> str:
@@ -646,6 +670,7 @@ class RemoteNode(Node):
             run = self._runs[key]
             run.result = result
             run.done.set()
+            self._claims.pop(key, None)  # it ran there: what the node says now counts it
         elif op == "ack" and key in self._runs:
             self._runs[key].credit.give(header.get("bytes"))
         elif op == "ack" and key in self._credits:
@@ -654,6 +679,14 @@ class RemoteNode(Node):
             self._inboxes[key].put(parts[0] if len(parts) == 1 else b"")
         elif op in ("image_end", "failed") and key in self._inboxes:
             self._inboxes[key].end(str(header.get("error")) if op == "failed" else None)
+        elif op == "failed" and key in self._claims:
+            lease = self._claims.pop(key)
+            lease.refused = f"node {self.name}: {str(header.get('error'))[:2000]}"
+            running = self._runs.get(key)
+            if running is not None:  # the run was sent behind the claim: it ends here
+                running.error = lease.refused
+                running.done.set()
+            self.cluster.changed()
         elif op in ("leased", "failed", "pool", "image", "imported") and key in self._requests:
             request = self._requests[key]
             request.reply = (header, parts)
@@ -690,12 +723,38 @@ class RemoteNode(Node):
     def room(self) -> int:
         return self.max_containers - sum(v.stats.total for v in self._views.values())
 
+    def claim(self, pool: ClusterPool) -> RemoteLease | None:
+        """An idle container of ``pool`` that this node's view shows (and that no lease on
+        its way there may get), claimed at once, or None. The claim is sent now, so the
+        node takes that container before it reads anything sent later; the run goes right
+        behind it, without waiting for an answer: no round trip before a function starts.
+        Should the container have gone meanwhile, the node says so and the run ends
+        ``error``, as a claimed container that dies does on this machine."""
+        view = self._views.get((self._ids.get(pool.image, ""), pool.profile))
+        if (not self.ready or self._outbox is None or view is None
+                or view.stats.idle - self.pending[pool.key] <= 0):
+            return None
+        taken = {lease.place.container for lease in self._claims.values()}
+        cid = next((c for c in reversed(view.idle) if c not in taken), None)
+        if cid is None:
+            return None
+        lid, workdir = uuid.uuid4().hex, uuid.uuid4().hex
+        self.send(message("claim", lid=lid, pool=view.number, container=cid, workdir=workdir))
+        lease = self._claims[lid] = RemoteLease(self, lid, self.epoch,
+                                                Place(cid, workdir, self.name), None)
+        # As the node will count it; its answer says what it did.
+        view.stats = dataclasses.replace(view.stats, idle=view.stats.idle - 1,
+                                         busy=view.stats.busy + 1)
+        view.idle = [c for c in view.idle if c != cid]
+        return lease
+
     def _keep(self, said: Any) -> RemotePool:
         """A pool's full view, numbered as the node numbers it."""
         view = RemotePool.of(self.name, said)
         number = said.get("number")
         if type(number) is not int:
             raise WireError("a pool view without its number")
+        view.number = number
         self._views[(view.image, view.profile)] = view
         self._numbered[number] = (view.image, view.profile)
         return view
@@ -710,6 +769,7 @@ class RemoteNode(Node):
         view = self._views.get(key) if key is not None else None
         if view is not None:
             view.stats = with_counts(view.stats, header["counts"])
+            view.idle = _ids(header.get("idle"))
         return view
 
     def _learn(self, pool: ClusterPool, header: dict[str, Any], parts: list[bytes]) -> None:
@@ -826,12 +886,14 @@ class RemoteLease:
         self.place = place
         self.hit = hit
         self.discard = False
+        self.refused: str | None = None  # why the node refused its claim
         self._ran = False
         self._released = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
+            self.node._claims.pop(self.lid, None)
             self.node.send_quietly(message("release", lid=self.lid, discard=self.discard),
                                    self.epoch)
 
@@ -850,6 +912,8 @@ class RemoteLease:
         if node.epoch != self.epoch or node._outbox is None:
             return Result("error", error=f"node {node.name} lost: {node.error}",
                           place=self.place)
+        if self.refused is not None:
+            return Result("error", error=self.refused, place=self.place)
         data = message("run", {"job": job}, lid=self.lid, live=stdin is not None)
         limit = node.cluster.settings.max_message
         if len(data) > limit:
@@ -947,6 +1011,9 @@ class Cluster:
     def nodes(self) -> list[Node]:
         found: list[Node] = [self.local] if self.local is not None else []
         return found + list(self._remote.values())
+
+    def remote_nodes(self) -> Iterator[RemoteNode]:
+        return iter(self._remote.values())
 
     def node(self, name: str | None) -> Node | None:
         """The node of that name, a ready one first."""

@@ -92,7 +92,7 @@ def pool_view(pool: Pool) -> dict[str, Any]:
     return {"name": pool.name, "reference": pool.reference, "image": pool.image,
             "profile": pool.profile, "min_idle": pool.min_idle, "max": pool.max,
             "configured": pool.configured, "statistics": pool.statistics(),
-            "containers": pool.container_ids()}
+            "containers": pool.container_ids(), "idle": pool.idle_ids()}
 
 
 # The fields of a pool's statistics that are not counters: a change to one of them sends
@@ -310,6 +310,7 @@ class Session:
         # Each pool's number in this session, and the rest of its view (all but its
         # counters) as the front was last told it.
         self._shown: dict[Pool, tuple[int, tuple]] = {}
+        self._numbered: dict[int, Pool] = {}
         self._numbers = itertools.count()
         self._nursery: trio.Nursery | None = None
 
@@ -349,6 +350,7 @@ class Session:
         while True:
             # Every pool in full, every beat: the front's view of them is never older.
             self._shown = {p: self._shown[p] for p in self.pools if p in self._shown}
+            self._numbered = {number: p for p, (number, _) in self._shown.items()}
             self.send(message("beat", {"pools": [self._view(p) for p in self.pools]},
                               engine=self.node.engine_ok))
             await trio.sleep(self.node.cluster.heartbeat)
@@ -358,19 +360,21 @@ class Session:
         view = pool_view(pool)
         number = self._shown[pool][0] if pool in self._shown else next(self._numbers)
         self._shown[pool] = (number, _rest(view))
+        self._numbered[number] = pool
         view["number"] = number
         return view
 
     def _about(self, op: str, pool: Pool, **plain: Any) -> bytes:
         """A message about ``pool``: its number and counters alone when the rest of its
-        view is what the front was last told (a lease or a release changes counters
-        only), its full view otherwise. Most messages of a run are these: the counters
-        spare encoding and decoding a view each time."""
+        view is what the front was last told (a lease or a release changes counters and
+        which containers are idle only), its full view otherwise. Most messages of a run
+        are these: the counters spare encoding and decoding a view each time."""
         shown = self._shown.get(pool)
         if shown is not None:
             view = pool_view(pool)
             if _rest(view) == shown[1]:
-                return message(op, pool=shown[0], counts=counts(view["statistics"]), **plain)
+                return message(op, pool=shown[0], counts=counts(view["statistics"]),
+                               idle=view["idle"], **plain)
         return message(op, {"pool": self._view(pool)}, **plain)
 
     async def _receive_forever(self) -> None:
@@ -393,7 +397,9 @@ class Session:
         assert self._nursery is not None
         if op == "beat":
             return
-        if op == "lease" and lid and lid not in self._held:
+        if op == "claim" and lid and lid not in self._held:
+            self._claim(lid, header)
+        elif op == "lease" and lid and lid not in self._held:
             fields = _pool_fields(header, parts)
             timeout = header.get("timeout")
             if (not isinstance(timeout, int | float) or timeout < 0
@@ -466,31 +472,59 @@ class Session:
             return
         self.send(self._about("pool", pool, rid=rid))
 
+    def _claim(self, lid: str, header: dict[str, Any]) -> None:
+        """The front chose an idle container itself (from the pool's view) and sends its
+        run right behind: it is taken here at once, before any later message is read, or
+        the claim fails (it went meanwhile), and so does the run."""
+        number, cid, workdir = (header.get("pool"), _short(header.get("container")),
+                                header.get("workdir"))
+        pool = self._numbered.get(number) if type(number) is int else None
+        if not isinstance(workdir, str) or len(workdir) != 32 or not all(
+                ch in "0123456789abcdef" for ch in workdir):
+            raise WireError("a claim without a new workdir")
+        lease = pool.claim_idle(cid, workdir) if pool is not None else None
+        if lease is None:
+            self.send(message("failed", lid=lid, kind="pool",
+                              error=f"container {cid[:12]} was no longer idle"))
+            return
+        assert self._nursery is not None and pool is not None
+        self._held[lid] = held = _Held()
+        # No "leased": the front knows where it runs, and the run's result says it began.
+        self._nursery.start_soon(self._hold, lid, held, pool, lease, False)
+
     async def _lease(self, lid: str, held: _Held, fields: dict[str, Any],
                      header: dict[str, Any]) -> None:
+        lease: Lease | None = None
         try:
-            with held.scope:
-                try:
-                    pool = await self._add(header, fields)
-                    lease = await pool.acquire(fields.get("near"),
-                                               strict=bool(header.get("strict")),
-                                               timeout=header["timeout"])
-                except PoolError as exc:
-                    self.send(message("failed", lid=lid, error=str(exc), kind=_kind(exc)))
-                    return
-                try:
-                    self.send(self._about("leased", pool, lid=lid,
-                                          container=lease.place.container,
-                                          workdir=lease.place.workdir, hit=lease.hit))
-                    await held.asked.wait()
-                    if held.run is not None:
-                        await self._run(lid, held, lease)
-                        await held.released.wait()
-                finally:
-                    lease.discard = held.discard
-                    lease.release()
-                    self.send(self._about("view", pool))
+            with held.scope:  # cancelled by a release while it waits
+                pool = await self._add(header, fields)
+                lease = await pool.acquire(fields.get("near"), strict=bool(header.get("strict")),
+                                           timeout=header["timeout"])
+        except PoolError as exc:
+            self.send(message("failed", lid=lid, error=str(exc), kind=_kind(exc)))
         finally:
+            if lease is None:
+                del self._held[lid]
+        if lease is not None:
+            await self._hold(lid, held, pool, lease)
+
+    async def _hold(self, lid: str, held: _Held, pool: Pool, lease: Lease,
+                    tell: bool = True) -> None:
+        """Hold ``lease`` for the front (``tell``: saying where first): its run, then
+        until the front releases it."""
+        try:
+            if tell:
+                self.send(self._about("leased", pool, lid=lid,
+                                      container=lease.place.container,
+                                      workdir=lease.place.workdir, hit=lease.hit))
+            await held.asked.wait()
+            if held.run is not None:
+                await self._run(lid, held, lease)
+                await held.released.wait()
+        finally:
+            lease.discard = held.discard
+            lease.release()
+            self.send(self._about("view", pool))
             del self._held[lid]
 
     async def _run(self, lid: str, held: _Held, lease: Lease) -> None:
@@ -516,6 +550,7 @@ class Session:
         if result is None:  # the front cancelled it: its processes are gone
             result = Result("cancelled")
         result.place = None  # the front knows where it ran
+        result.stdout = result.stderr = b""  # it has them already, from the "out" messages
         self.send(message("result", {"result": result}, lid=lid))
 
     # -- images ---------------------------------------------------------------------------
@@ -576,9 +611,9 @@ class Session:
 
 
 def _rest(view: dict[str, Any]) -> tuple:
-    """All of a pool's view but its counters."""
+    """All of a pool's view but its counters and idle containers."""
     stats = view["statistics"]
-    return (tuple(v for k, v in view.items() if k != "statistics"),
+    return (tuple(v for k, v in view.items() if k not in ("statistics", "idle")),
             tuple(getattr(stats, name) for name in _NOT_COUNTERS))
 
 

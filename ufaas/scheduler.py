@@ -13,10 +13,10 @@ from typing import Any
 
 import trio
 
-from pool import File, Lease, Place, PoolError, Profile
+from pool import File, Place, PoolError, Profile
 
 from .callbacks import Callbacks, pending
-from .cluster import AnyPool, AnyPools
+from .cluster import AnyLease, AnyPool, AnyPools
 from .config import Config
 from .fetch import Downloader, FetchError
 from .files import FileStore
@@ -368,7 +368,7 @@ class Scheduler:
 
     # -- inside ---------------------------------------------------------------------------
 
-    def _claim(self, spec: Spec, predecessor: Record | None) -> Lease | None:
+    def _claim(self, spec: Spec, predecessor: Record | None) -> AnyLease | None:
         """A warm container for ``spec`` that is free right now, if there is one and
         nothing else must come first (downloads, a predecessor that has not finished)."""
         if self._nursery is None or any(r.url is not None for r in spec.resources):
