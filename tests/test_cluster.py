@@ -353,9 +353,9 @@ async def test_stdin_right_behind_a_run_is_not_lost(start_node, images):
 
 
 async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, images):
-    """A front that sees an idle container in a pool's view claims it and sends the run
-    right behind, without waiting: the node takes that container before reading on, and
-    a claim of one that is not idle (taken, or gone) fails, its run with it."""
+    """A front that sees an idle container in a pool's view names it in the run it sends,
+    without waiting: the node takes that container before reading on, and a run naming one
+    that is not idle (taken, or gone) or an unknown pool fails."""
     node = await start_node("node-a")
     headers = [(b"authorization", f"Bearer {NODE_TOKEN}".encode()),
                (wire.PROTOCOL_HEADER.encode(), wire.speaks().encode()),
@@ -367,9 +367,9 @@ async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, imag
             if header["op"] in (op, "failed") and header.get("lid", lid) == lid:
                 return header, parts
 
-    def claim(lid, number, cid):
-        return wire.message("claim", lid=lid, pool=number, container=cid,
-                            workdir=lid.ljust(32, "0"))
+    def run(lid, number, cid, argv):
+        return wire.message("run", {"job": Job(argv)}, lid=lid, live=False, pool=number,
+                            container=cid, workdir=lid.ljust(32, "0"))
 
     with trio.fail_after(90):
         async with open_websocket("127.0.0.1", node.port, "/", use_ssl=False,
@@ -385,12 +385,8 @@ async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, imag
                 if view["idle"]:
                     break
             [cid] = view["idle"]
-            await ws.send_message(claim("a1", number, cid))
-            await ws.send_message(wire.message("run", {"job": Job(["echo", "hi"])}, lid="a1",
-                                               live=False))
-            await ws.send_message(claim("a2", number, cid))  # taken by a1
-            await ws.send_message(wire.message("run", {"job": Job(["echo", "no"])}, lid="a2",
-                                               live=False))
+            await ws.send_message(run("a1", number, cid, ["echo", "hi"]))
+            await ws.send_message(run("a2", number, cid, ["echo", "no"]))  # taken by a1
             failed, _ = await until(ws, "failed", "a2")
             assert failed["op"] == "failed" and "no longer idle" in failed["error"], failed
             out, parts = await until(ws, "out", "a1")
@@ -400,9 +396,12 @@ async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, imag
             await ws.send_message(wire.message("release", lid="a1", discard=False))
             view, _ = await until(ws, "view")
             assert view["pool"] == number and view["idle"] == [cid], view
-            await ws.send_message(claim("a3", "no such pool", cid))
+            await ws.send_message(run("a3", "no such pool", cid, ["echo", "no"]))
             assert (await until(ws, "failed", "a3"))[0]["op"] == "failed"
-            await ws.send_message(claim("a4", number, cid))  # idle again: it is taken
+            await ws.send_message(run("a4", number, cid, ["echo", "again"]))  # idle again
+            out, parts = await until(ws, "out", "a4")
+            assert parts == [b"again\n"], (out, parts)
+            await until(ws, "result", "a4")
             await ws.send_message(wire.message("release", lid="a4", discard=False))
             view, _ = await until(ws, "view")
             assert view["idle"] == [cid], view

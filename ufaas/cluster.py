@@ -739,9 +739,9 @@ class RemoteNode(Node):
         if cid is None:
             return None
         lid, workdir = uuid.uuid4().hex, uuid.uuid4().hex
-        self.send(message("claim", lid=lid, pool=view.number, container=cid, workdir=workdir))
         lease = self._claims[lid] = RemoteLease(self, lid, self.epoch,
                                                 Place(cid, workdir, self.name), None)
+        lease.claim = {"pool": view.number, "container": cid, "workdir": workdir}
         # As the node will count it; its answer says what it did.
         view.stats = dataclasses.replace(view.stats, idle=view.stats.idle - 1,
                                          busy=view.stats.busy + 1)
@@ -887,6 +887,8 @@ class RemoteLease:
         self.hit = hit
         self.discard = False
         self.refused: str | None = None  # why the node refused its claim
+        # A container chosen from the node's view, claimed with the run (one message).
+        self.claim: dict[str, Any] | None = None
         self._ran = False
         self._released = False
 
@@ -894,6 +896,8 @@ class RemoteLease:
         if not self._released:
             self._released = True
             self.node._claims.pop(self.lid, None)
+            if self.claim is not None:  # never sent: the node knows nothing of it
+                return
             self.node.send_quietly(message("release", lid=self.lid, discard=self.discard),
                                    self.epoch)
 
@@ -914,7 +918,8 @@ class RemoteLease:
                           place=self.place)
         if self.refused is not None:
             return Result("error", error=self.refused, place=self.place)
-        data = message("run", {"job": job}, lid=self.lid, live=stdin is not None)
+        data = message("run", {"job": job}, lid=self.lid, live=stdin is not None,
+                       **(self.claim or {}))
         limit = node.cluster.settings.max_message
         if len(data) > limit:
             return Result("error", place=self.place, error=f"the function's files and stdin "
@@ -923,6 +928,7 @@ class RemoteLease:
         node._runs[self.lid] = run
         try:
             node.send(data)
+            self.claim = None  # sent: the node holds it now
             async with trio.open_nursery() as nursery:
                 if stdin is not None:
                     nursery.start_soon(self._feed, stdin, run)

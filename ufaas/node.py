@@ -397,9 +397,9 @@ class Session:
         assert self._nursery is not None
         if op == "beat":
             return
-        if op == "claim" and lid and lid not in self._held:
-            self._claim(lid, header)
-        elif op == "lease" and lid and lid not in self._held:
+        if op == "run" and lid and lid not in self._held and "container" in header:
+            self._claim(lid, header)  # the container it runs in, chosen by the front
+        if op == "lease" and lid and lid not in self._held:
             fields = _pool_fields(header, parts)
             timeout = header.get("timeout")
             if (not isinstance(timeout, int | float) or timeout < 0
@@ -473,9 +473,9 @@ class Session:
         self.send(self._about("pool", pool, rid=rid))
 
     def _claim(self, lid: str, header: dict[str, Any]) -> None:
-        """The front chose an idle container itself (from the pool's view) and sends its
-        run right behind: it is taken here at once, before any later message is read, or
-        the claim fails (it went meanwhile), and so does the run."""
+        """The front chose an idle container itself (from the pool's view) and sends it
+        with the run: it is taken here at once, before any later message is read, and the
+        run goes on below; or the claim fails (it went meanwhile), and so does the run."""
         number, cid, workdir = (header.get("pool"), _short(header.get("container")),
                                 header.get("workdir"))
         pool = self._numbered.get(number) if type(number) is int else None
