@@ -1,7 +1,9 @@
 """The cluster bench, on the lab Swarm of tests/lab.py: a warm call through a front to a
-remote node beside one to the front's own engine, in the same run; throughput with 1, 2
-and 3 nodes; the time from a node joining to its first warm container; and how long each
-fault of a node takes to end its running function.
+``ufaas node`` beside one to the front's own engine, in the same run (the hop alone: a
+node process of this machine on that same engine; and to a lab node, whose nested engine
+adds its own cost, measured apart as the agent's raw round trip on each engine);
+throughput with 1, 2 and 3 nodes; the time from a node joining to its first warm
+container; and how long each fault of a node takes to end its running function.
 
 Run from the repository root: ``python -m bench.cluster [--json PATH] [--only SECTION]``
 (``--only hop`` times the extra hop alone, in about a minute). Needs the lab's
@@ -18,7 +20,10 @@ import argparse
 import contextlib
 import importlib
 import json
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +34,7 @@ from typing import Any
 import docker
 
 from ._common import BUSYBOX_IMAGE, LABELS, PYTHON_IMAGE, Row, interleaved, remove_leftovers
+from .floors import agent_floor
 from .run import BenchError, Client, HttpSeries, Server, function_body, outcome, run_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +43,7 @@ TOKEN = "bench-cluster-token"
 # Beats as a user gets them: the stated deadlines are these defaults' (config.py).
 NODE_ENV = {"UFAAS_CLUSTER_TOKEN": TOKEN, "UFAAS_CLUSTER_FRONT_GRACE": "5"}
 N_HOP = 300
+HOST_NODE = "bench-host-node"  # the ufaas node the hop's own row runs on this machine
 CONCURRENCY = 16
 PER_LEVEL = 600
 JOINS = 3
@@ -113,20 +120,67 @@ def state(client: Client, node: str) -> str | None:
 
 # -- the extra hop ----------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def host_node(directory: Path) -> Iterator[str]:
+    """``ufaas node`` as a process of this machine, on its engine (the fronts' own): the
+    hop alone, without the lab's nested engines. Yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    labels = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in LABELS.items())
+    config = directory / "hop-node.toml"
+    config.write_text(f'labels = {{ {labels} }}\n[cluster]\nname = "{HOST_NODE}"\n'
+                      f'listen = "127.0.0.1"\nnode_port = {port}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UFAAS_")}
+    with open(directory / "hop-node.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "ufaas.cli", "node", "--config",
+                                 str(config)], cwd=ROOT, env={**env, **NODE_ENV},
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise BenchError(f"ufaas node exited: {proc.returncode}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", port), timeout=1):
+                return True
+            return False
+        wait_until("ufaas node on this machine listening", listening)
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def hop(lab: Any, directory: Path, n: int) -> dict[str, Row]:
-    """``echo hi`` one at a time: through a front to its own engine (the host's), and
-    through another to ``ufaas node`` on lab node 1, alternating in blocks."""
+    """``echo hi`` one at a time, alternating in blocks: through a front to its own engine
+    (the host's), through another to ``ufaas node`` on that same engine (the hop alone),
+    and through a third to ``ufaas node`` on lab node 1 (the hop and a nested engine)."""
     local = write_config(directory, "hop-local", None, min_idle=1, pool_max=2)
     remote = write_config(directory, "hop-remote", [lab.node_url(1)], min_idle=1, pool_max=2)
-    with front(local) as (_, here), front(remote) as (_, there):
-        wait_until("the local pool warm", lambda: warm(here, None))
-        wait_until("the remote pool warm", lambda: warm(there, lab.name(1)))
-        rows = {"local": Row("front -> its own engine"),
-                "remote": Row("front -> ufaas node -> its engine")}
-        interleaved([(rows["local"], HttpSeries(here, "local", function_body(
-            PYTHON_IMAGE)).once), (rows["remote"], HttpSeries(there, "remote", function_body(
-                PYTHON_IMAGE)).once)], n)
+    with host_node(directory) as url:
+        same = write_config(directory, "hop-same", [url], min_idle=1, pool_max=2)
+        with front(local) as (_, here), front(same) as (_, near), front(remote) as (_, there):
+            wait_until("the local pool warm", lambda: warm(here, None))
+            wait_until("the same engine's node warm", lambda: warm(near, HOST_NODE))
+            wait_until("the remote pool warm", lambda: warm(there, lab.name(1)))
+            rows = {"local": Row("front -> its own engine"),
+                    "same": Row("front -> ufaas node -> that engine"),
+                    "remote": Row("front -> ufaas node -> lab node 1")}
+            body = function_body(PYTHON_IMAGE)
+            interleaved([(rows[k], HttpSeries(c, k, body).once)
+                         for k, c in (("local", here), ("same", near), ("remote", there))], n)
     return rows
+
+
+def engines(lab: Any, n: int) -> dict[str, float]:
+    """The agent's raw round trip (bench.floors) on this machine's engine and on lab node
+    1's: what the nested engine alone adds to a call there."""
+    found = {}
+    for name, client in (("host", docker.from_env()),
+                         ("lab", docker.DockerClient(base_url=lab.engine(1)))):
+        found[name] = statistics.median(agent_floor(client, n).samples_ms)
+        client.close()
+    return found
 
 
 # -- throughput -------------------------------------------------------------------------------
@@ -220,20 +274,25 @@ def faults(lab: Any, directory: Path) -> list[dict[str, Any]]:
 
 # -- the report ---------------------------------------------------------------------------------
 
-def report(rows: dict[str, Row], levels: list[dict[str, Any]], joins: list[dict[str, float]],
-           ends: list[dict[str, Any]]) -> dict[str, Any]:
+def report(rows: dict[str, Row], floors: dict[str, float], levels: list[dict[str, Any]],
+           joins: list[dict[str, float]], ends: list[dict[str, Any]]) -> dict[str, Any]:
     p = _percentile
     print(f"{'warm echo hi, one at a time':<40} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'fail':>4}")
     for row in rows.values():
         print(f"{row.name:<40} {len(row.samples_ms):>4} {statistics.median(row.samples_ms):>8.2f}"
               f" {p(row.samples_ms, 99):>8.2f} {len(row.failures):>4}")
-    extra = statistics.median(rows["remote"].samples_ms) - statistics.median(
-        rows["local"].samples_ms)
-    print(f"the extra hop: {extra:+.2f} ms p50 (target <= 1.5 ms: "
-          f"{'met' if extra <= 1.5 else 'MISSED'})\n")
+    p50 = {k: statistics.median(r.samples_ms) for k, r in rows.items()}
+    extra = p50["same"] - p50["local"]
+    print(f"the extra hop (a node on the same engine): {extra:+.2f} ms p50 "
+          f"(target <= 1.5 ms: {'met' if extra <= 1.5 else 'MISSED'})")
+    nested = floors["lab"] - floors["host"]
+    print(f"to lab node 1: {p50['remote'] - p50['local']:+.2f} ms p50, of which its nested "
+          f"engine: {nested:+.2f} ms (the agent's raw round trip there {floors['lab']:.2f} "
+          f"ms, here {floors['host']:.2f} ms)\n")
+    found = {"hop": hop_of(rows), "extra_hop_p50_ms": extra, "engine_floors_ms": floors}
     if not levels:
-        return {"hop": hop_of(rows), "extra_hop_p50_ms": extra}
+        return found
     print(f"{'nodes':>5} {'functions/s':>12} {'p50 ms':>8} {'front CPU ms/fn':>16} "
           f"{'nodes used':>10} {'errors':>6}   (concurrency {CONCURRENCY})")
     for lv in levels:
@@ -251,7 +310,7 @@ def report(rows: dict[str, Row], levels: list[dict[str, Any]], joins: list[dict[
         print(f"{e['fault']:<34} {e['error_ms']:>11.0f}  {e['error'].split(' (')[0][:70]}")
     print(f"(heartbeat {HEARTBEAT:g} s, node_timeout {NODE_TIMEOUT:g} s: the stated deadline "
           f"is node_timeout + one heartbeat)")
-    return {"hop": hop_of(rows), "extra_hop_p50_ms": extra, "throughput": levels,
+    return {**found, "throughput": levels,
             "joins": joins, "faults": ends, "lab_nodes": 3, "concurrency": CONCURRENCY}
 
 
@@ -295,12 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="ufaas-bench-cluster-") as tmp:
             directory = Path(tmp)
             rows = hop(lab, directory, args.n)
+            floors = engines(lab, args.n)
             levels, joins, ends = [], [], []
             if args.only is None:
                 levels = throughput(lab, directory, args.per_level)
                 joins = joining(lab, directory, args.joins)
                 ends = faults(lab, directory)
-        result = report(rows, levels, joins, ends)
+        result = report(rows, floors, levels, joins, ends)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     finally:

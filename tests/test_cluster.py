@@ -389,19 +389,19 @@ async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, imag
             await ws.send_message(run("a2", number, cid, ["echo", "no"]))  # taken by a1
             failed, _ = await until(ws, "failed", "a2")
             assert failed["op"] == "failed" and "no longer idle" in failed["error"], failed
-            out, parts = await until(ws, "out", "a1")
-            assert parts == [b"hi\n"], (out, parts)
             result, parts = await until(ws, "result", "a1")
-            assert wire.fields_of(result, parts)["result"].outcome == "exited"
+            fields = wire.fields_of(result, parts)  # a short run's output comes with its end
+            assert fields["result"].outcome == "exited" and fields["out"] == [[1, b"hi\n"]]
             await ws.send_message(wire.message("release", lid="a1", discard=False))
             view, _ = await until(ws, "view")
             assert view["pool"] == number and view["idle"] == [cid], view
             await ws.send_message(run("a3", "no such pool", cid, ["echo", "no"]))
             assert (await until(ws, "failed", "a3"))[0]["op"] == "failed"
-            await ws.send_message(run("a4", number, cid, ["echo", "again"]))  # idle again
-            out, parts = await until(ws, "out", "a4")
+            await ws.send_message(run("a4", number, cid, ["sh", "-c", "echo again; sleep 1"]))
+            out, parts = await until(ws, "out", "a4")  # idle again; what it says goes live
             assert parts == [b"again\n"], (out, parts)
-            await until(ws, "result", "a4")
+            result, parts = await until(ws, "result", "a4")
+            assert wire.fields_of(result, parts)["out"] == []
             await ws.send_message(wire.message("release", lid="a4", discard=False))
             view, _ = await until(ws, "view")
             assert view["idle"] == [cid], view

@@ -664,10 +664,15 @@ class RemoteNode(Node):
                 raise WireError("output without its stream")
             self._runs[key].output.add(fd, parts[0])
         elif op == "result" and key in self._runs:
-            result = fields_of(header, parts).get("result")
-            if not isinstance(result, Result):
+            fields = fields_of(header, parts)
+            result, out = fields.get("result"), fields.get("out", [])
+            if not isinstance(result, Result) or not isinstance(out, list) or not all(
+                    isinstance(o, list) and len(o) == 2 and o[0] in (1, 2)
+                    and isinstance(o[1], bytes) for o in out):
                 raise WireError("a result that is not one")
             run = self._runs[key]
+            for fd, data in out:  # the output that came with its end
+                run.output.add(fd, data)
             run.result = result
             run.done.set()
             self._claims.pop(key, None)  # it ran there: what the node says now counts it

@@ -77,6 +77,10 @@ STDIN_WINDOW = 1 * MiB
 IMAGE_WINDOW = 8 * MiB
 RECEIVE_BUFFER = 65536
 MAX_ID = 64  # characters of an id a front gives (a lease's, a request's, its own)
+# A run's output waits at most this long for more of it, or for its result, to go in the
+# same message: one message for a short function's output and its end, not two.
+OUTPUT_HOLD = 0.005
+OUTPUT_HOLD_BYTES = 256 * 1024  # output held past this goes at once
 # How often stopped containers of this node (a removal that failed leaves one "dead") are
 # looked for and removed.
 SWEEP_EVERY = 5.0
@@ -313,6 +317,10 @@ class Session:
         self._numbered: dict[int, Pool] = {}
         self._numbers = itertools.count()
         self._nursery: trio.Nursery | None = None
+        # Output of runs that is held (see OUTPUT_HOLD), by lease; its size.
+        self._held_out: dict[str, list[tuple[int, bytes]]] = {}
+        self._held_bytes = 0
+        self._out_held = trio.Event()
 
     def send(self, data: bytes) -> None:
         """Queue a message: the sender sends them in order, each within the deadline."""
@@ -323,6 +331,7 @@ class Session:
             self._nursery = nursery
             nursery.start_soon(self._send_forever)
             nursery.start_soon(self._beat_forever)
+            nursery.start_soon(self._flush_forever)
             self.send(message("hello", node=self.node.name, speaks=self.node.speaks,
                               max_containers=self.pools.budget.limit))
             try:
@@ -345,6 +354,29 @@ class Session:
                 break
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
+
+    async def _flush_forever(self) -> None:
+        """Send held output once it has waited OUTPUT_HOLD."""
+        while True:
+            await self._out_held.wait()
+            await trio.sleep(OUTPUT_HOLD)
+            self._out_held = trio.Event()
+            for lid in list(self._held_out):
+                self._flush(lid)
+
+    def _flush(self, lid: str) -> None:
+        for fd, data in self._held_out.pop(lid, ()):
+            self._held_bytes -= len(data)
+            self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
+
+    def _hold_output(self, lid: str, fd: int, data: bytes) -> None:
+        self._held_out.setdefault(lid, []).append((fd, data))
+        self._held_bytes += len(data)
+        if self._held_bytes > OUTPUT_HOLD_BYTES:
+            for held in list(self._held_out):
+                self._flush(held)
+        else:
+            self._out_held.set()
 
     async def _beat_forever(self) -> None:
         while True:
@@ -542,16 +574,23 @@ class Session:
                 max_count=min(job.outputs.max_count, MAX_OUTPUT_COUNT))
 
         def output(fd: int, data: bytes) -> None:
-            self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
+            if held.stdin is not None:  # someone types to it: what it says goes at once
+                self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
+            else:
+                self._hold_output(lid, fd, data)
 
         result: Result | None = None
-        with trio.CancelScope() as held.run_scope:
-            result = await lease.run(job, output, held.stdin)
+        try:
+            with trio.CancelScope() as held.run_scope:
+                result = await lease.run(job, output, held.stdin)
+        finally:
+            out = [[fd, data] for fd, data in self._held_out.pop(lid, ())]
+            self._held_bytes -= sum(len(data) for _, data in out)
         if result is None:  # the front cancelled it: its processes are gone
             result = Result("cancelled")
         result.place = None  # the front knows where it ran
-        result.stdout = result.stderr = b""  # it has them already, from the "out" messages
-        self.send(message("result", {"result": result}, lid=lid))
+        result.stdout = result.stderr = b""  # it has them from "out" messages and "out" here
+        self.send(message("result", {"result": result, "out": out}, lid=lid))
 
     # -- images ---------------------------------------------------------------------------
 

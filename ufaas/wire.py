@@ -24,7 +24,8 @@ from . import __version__
 # 2: a pool's state travels as its counters alone (COUNTERS) when nothing else of it
 # changed since its full view went to that front. 3: a container the front chose goes
 # with the run (its pool, container and workdir in the run's header), no claim of its own.
-PROTOCOL = 3
+# 4: a result carries the output that was held for it ("out": [[fd, bytes], ...]).
+PROTOCOL = 4
 _HEAD = struct.Struct(">I")
 # Dataclasses that may travel, by name: a peer cannot make anything else.
 TYPES: dict[str, type] = {cls.__name__: cls for cls in (Job, Result, File, Place, Profile,
