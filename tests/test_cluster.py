@@ -168,6 +168,41 @@ async def test_the_front_sees_a_nodes_pools_as_they_are_between_beats(
         assert stats.total == 2 and stats.started == 2
 
 
+async def test_a_run_whose_chosen_container_went_waits_for_another(start_node, front_config,
+                                                                  start_server, images):
+    """The front chooses an idle container from the node's view; when that container was
+    taken meanwhile (here behind the front's back, with beats too far apart to tell it),
+    the node refuses the run, which never started, and the function waits for a
+    container as any other: it runs once, not ending in error."""
+    slow = {"heartbeat": 60, "node_timeout": 120}
+    node = await start_node("node-a", cluster=slow)
+    client = await start_server(front_config([node.url], cluster=slow, pools=[PoolConfig(
+        image=images.python, min_idle=1, max=1)]))
+    with trio.fail_after(60):
+        await wait_nodes(client, ["node-a"])
+        # Its release tells the front the container is idle (no beat will say otherwise).
+        first = (await client.post("/fn?wait=30", json=python("print('first')"))).json()
+        assert first["status"] == "succeeded", first
+        await wait_warm(client, "node-a")  # the front's view shows it idle again
+        [pool] = list(node.node._fronts.values())[0].pools
+        taken = pool.claim()
+        assert taken is not None
+        answers = []
+
+        async def post():
+            answers.append((await client.post("/fn?wait=60", json=python(
+                "print('ran')"))).json())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post)
+            while pool.statistics().waiting == 0:  # it asked for a container
+                await trio.sleep(0.02)
+            taken.release()
+        [done] = answers
+        assert (done["status"], done["stdout"]) == ("succeeded", "ran\n"), done
+        assert done["container"] == taken.place.container[:12] and done["node"] == "node-a"
+
+
 async def test_work_spreads_over_the_nodes(start_node, front_config, start_server, images):
     a, _, client = await two_warm_nodes(start_node, front_config, start_server, images)
     with trio.fail_after(120):

@@ -92,6 +92,11 @@ class NodeLost(PoolError):
     """The node went away while a lease or a run depended on it."""
 
 
+class Unclaimed(PoolError):
+    """The container a front chose from a node's view had gone (or been taken) when its
+    run came: the run never started, and may wait for a container as any other."""
+
+
 class ImageUnavailable(PoolError):
     """The node lacks the image and cannot pull it."""
 
@@ -922,7 +927,7 @@ class RemoteLease:
             return Result("error", error=f"node {node.name} lost: {node.error}",
                           place=self.place)
         if self.refused is not None:
-            return Result("error", error=self.refused, place=self.place)
+            raise Unclaimed(self.refused)
         data = message("run", {"job": job}, lid=self.lid, live=stdin is not None,
                        **(self.claim or {}))
         limit = node.cluster.settings.max_message
@@ -947,6 +952,8 @@ class RemoteLease:
             raise
         finally:
             node._runs.pop(self.lid, None)
+        if self.refused is not None and run.result is None:
+            raise Unclaimed(self.refused)  # the node refused its claim: nothing ran
         result = run.result
         if result is None:
             result = Result("error", error=run.error or f"node {node.name} did not say how "

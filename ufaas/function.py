@@ -17,6 +17,7 @@ import trio
 
 from pool import Job, Outputs, PoolError, Result
 
+from .cluster import Unclaimed
 from .fetch import FetchError
 from .live import Event, Hub, StdinPipe, Transcript
 from .spec import Spec, SpecError
@@ -165,6 +166,8 @@ class Function:
             assert self.spec is not None
             try:
                 return await self._execute(lease, self.spec, self.spec.files(), scheduler)
+            except Unclaimed as exc:  # it never started there: it waits as others do
+                log.info("function %s: %s; waiting for another container", self.id, exc)
             finally:
                 lease.release()
         near = await scheduler.place_of(self.record.after) if self.record.after else None
@@ -204,6 +207,11 @@ class Function:
             self.started_in(record, lease)
             self._store.save(record)
             self._hub.publish({"event": "status", "id": self.id, "status": "running"})
+        elif (record.container, record.workdir) != (lease.place.container,
+                                                    lease.place.workdir):
+            self.started_in(record, lease)  # its first container went before it started
+            if self.saved:
+                self._store.save(record)
         self.started.set()
         config = scheduler.config
         outputs, writer = None, None

@@ -584,8 +584,9 @@ class Session:
             with trio.CancelScope() as held.run_scope:
                 result = await lease.run(job, output, held.stdin)
         finally:
-            out = [[fd, data] for fd, data in self._held_out.pop(lid, ())]
-            self._held_bytes -= sum(len(data) for _, data in out)
+            held_out = self._held_out.pop(lid, [])
+            self._held_bytes -= sum(len(data) for _, data in held_out)
+        out: list[list[Any]] = [[fd, data] for fd, data in held_out]
         if result is None:  # the front cancelled it: its processes are gone
             result = Result("cancelled")
         result.place = None  # the front knows where it ran
