@@ -31,8 +31,8 @@ log = logging.getLogger("ufaas")
 # How long a DELETE waits for its function to be gone before answering.
 CANCEL_WAIT = 5.0
 # A function its caller waits for (?wait) that starts at once is saved once, when it ends,
-# if it ends within this; else it is saved as running then. A server killed meanwhile
-# leaves no record of it: its caller, who alone knew of it, got no answer.
+# if it ends within this; else it is saved as running within twice this. A server killed
+# meanwhile leaves no record of it: its caller, who alone knew of it, got no answer.
 PERSIST_AFTER = 0.05
 
 
