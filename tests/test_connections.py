@@ -79,3 +79,47 @@ async def test_a_trickled_body_is_refused(start_server, make_config):
         answer = await until_closed(stream, feed=b" ", every=0.3)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
         assert (await client.get("/fn?status=all")).json() == []
+
+
+async def test_a_view_that_outlasts_body_timeout_runs_once(start_server, python_config,
+                                                           images):
+    """The body is read within body_timeout before the view runs; the view itself (a wait
+    longer than that) is not: it runs once and answers."""
+    with trio.fail_after(CAP):
+        client = await start_server(python_config(body_timeout=1))
+        r = await client.post("/fn?wait=20", json={"image": images.python,
+                                                   "command": "sleep 2; echo done"})
+        assert r.status_code == 200 and r.json()["stdout"] == "done\n", r.text
+        assert len((await client.get("/fn?status=all")).json()) == 1
+
+
+async def test_a_body_over_max_body_is_refused_however_it_comes(start_server, make_config):
+    """In one piece, in pieces, or said in advance by its Content-Length: 413."""
+    with trio.fail_after(CAP):
+        client = await start_server(make_config(max_body=1024))
+        body = b'{"image": "x", "command": "' + b"x" * 2000 + b'"}'
+        r = await client.post("/fn", content=body)
+        assert r.status_code == 413, r.text
+
+        async def pieces():
+            for i in range(0, len(body), 500):
+                yield body[i:i + 500]
+
+        r = await client.post("/fn", content=pieces())
+        assert r.status_code == 413, r.text
+        stream = await connect(client)
+        await stream.send_all(b"POST /fn HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+        answer = await until_closed(stream)  # answered without the body being sent
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+        assert (await client.get("/fn?status=all")).json() == []
+
+
+async def test_a_wrong_token_is_answered_before_the_body_is_read(start_server, make_config):
+    """A request without the token gets its 401 without sending the body it announced."""
+    with trio.fail_after(CAP):
+        client = await start_server(make_config(token="s3cret"))
+        stream = await connect(client)
+        await stream.send_all(b"POST /fn HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        answer = await until_closed(stream)
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:100]
+        assert b"connection: close" in answer.lower()

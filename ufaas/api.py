@@ -104,12 +104,12 @@ class _Connection(TrioASGIHTTPConnection):
     """Quart-Trio's handling of one HTTP request, answered whole and with less around it:
 
     - the request is handled in the task hypercorn gave it, which first takes its body
-      (within ``body_timeout`` and ``max_body``), then runs the view: no task watches the
-      connection, so a client that leaves meanwhile is noticed when the view returns (the
-      longest a view waits is ``max_wait``); that saves a task and its cancellation on
-      every request. A body that does not come within those is left to Quart-Trio's own
-      way, a task feeding it that also cancels the request when the client leaves, and
-      Quart answers 408 or 413;
+      (within ``body_timeout`` and ``max_body``; not when its token is wrong), then runs
+      the view: no task watches the connection, so a client that leaves meanwhile is
+      noticed when the view returns (the longest a view waits is ``max_wait``); that
+      saves a task and its cancellation on every request. A body that does not come
+      within those is left to Quart-Trio's own way, a task feeding it that also cancels
+      the request when the client leaves, and Quart answers 408 or 413;
     - once started, the answer is sent shielded (within ``send_timeout``): hypercorn closes
       a ``Connection: close`` connection from inside that send, and a watcher, seeing the
       disconnect this causes, would cancel it half-way, leaving it open;
@@ -122,13 +122,31 @@ class _Connection(TrioASGIHTTPConnection):
 
     async def __call__(self, receive: Any, send: Any) -> None:
         request = self._create_request_from_scope(send)
+        app = self.app
+        assert isinstance(app, _App)
+        taken = await self._take_body(request, receive) if app.may_read(request) else "left"
+        if taken == "gone":
+            return
+        if taken == "whole":
+            return await self._answer(request, send)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.handle_messages, nursery, request, receive)
+            await self._answer(request, send)
+            nursery.cancel_scope.cancel()
+
+    async def _take_body(self, request: Any, receive: Any) -> str:
+        """Read the body before the view runs: "whole" when it came within body_timeout and
+        max_body, "gone" when the client left first, else "left" (to Quart-Trio's way,
+        which answers 408 or 413 when the view reads it)."""
         size, limit = 0, self.app.config["MAX_CONTENT_LENGTH"]
+        if (request.content_length or 0) > limit:
+            return "left"  # Quart's body refuses it (413) without reading it
         single: bytes | None = None  # the body while it came in one piece
         with trio.move_on_after(self.app.config["BODY_TIMEOUT"]) as reading:
-            while size <= limit:  # past it, Quart's body refuses it (413)
+            while size <= limit:  # past it, Quart's body refuses it
                 message = await receive()
-                if message["type"] != "http.request":  # gone before its body came
-                    return
+                if message["type"] != "http.request":
+                    return "gone"
                 data = message.get("body", b"")
                 if data and size == 0:
                     single = data
@@ -138,19 +156,16 @@ class _Connection(TrioASGIHTTPConnection):
                         single = None
                     request.body.append(data)
                 size += len(data)
-                if not message.get("more_body", False):
+                if size <= limit and not message.get("more_body", False):
                     request.body.set_complete()
                     # In one piece (or none), the views take it as it is (see body()).
-                    request.whole_body = single if size else b""  # type: ignore[attr-defined]
-                    return await self._answer(request, send)
+                    request.whole_body = single if size else b""
+                    return "whole"
         if single is not None:
             request.body.append(single)
         if reading.cancelled_caught:
             request.body_timeout = 0  # Quart's body answers 408 to the view that awaits it
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.handle_messages, nursery, request, receive)
-            await self._answer(request, send)
-            nursery.cancel_scope.cancel()
+        return "left"
 
     async def _answer(self, request: Any, send: Any) -> None:
         response = await self.app.handle_request(request)
@@ -173,6 +188,14 @@ class _Connection(TrioASGIHTTPConnection):
 
 class _App(QuartTrio):
     asgi_http_class = _Connection
+    token = b""
+
+    def may_read(self, request: Any) -> bool:
+        """Whether a request's body may be read before its route runs: not when its token
+        is wrong (the route answers 401 without reading it)."""
+        return not self.token or authorized(
+            self.token, request.headers.get("Authorization", ""), request.args,
+            bare=request.path.startswith(PISTON_PREFIX))
 
 
 def _assets() -> dict[str, tuple[bytes, str]]:
@@ -209,7 +232,7 @@ def create_app(scheduler: Scheduler, config: Config,
     app.config["BODY_TIMEOUT"] = config.body_timeout
     app.config["SEND_TIMEOUT"] = config.send_timeout
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
-    token = (config.token or "").encode()
+    token = app.token = (config.token or "").encode()
     install(app, token=bool(token))
     assets = _assets()
     wait = (0.0, config.max_wait)
