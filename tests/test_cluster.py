@@ -197,6 +197,8 @@ async def test_a_run_whose_chosen_container_went_waits_for_another(start_node, f
             nursery.start_soon(post)
             while pool.statistics().waiting == 0:  # it asked for a container
                 await trio.sleep(0.02)
+            [waiting] = (await client.get("/fn?status=pending")).json()  # never started
+            assert (waiting["container"], waiting["started_at"]) == (None, None), waiting
             taken.release()
         [done] = answers
         assert (done["status"], done["stdout"]) == ("succeeded", "ran\n"), done

@@ -173,23 +173,24 @@ class ClusterPool:
         """The image as first named (a node's pool is keyed by its ID there)."""
         return self.image
 
-    def claim(self, near: Place | None = None) -> Lease | RemoteLease | None:
-        """A lease at once, or None: from this machine's engine, else (without ``near``)
-        an idle container a remote node's view shows, claimed without waiting for its
-        answer (see :meth:`RemoteNode.claim`)."""
+    def claim(self, near: Place | None = None, *, remote: bool = True
+              ) -> Lease | RemoteLease | None:
+        """A lease at once, or None: from this machine's engine, else (without ``near``,
+        and with ``remote``) an idle container a remote node's view shows, claimed without
+        waiting for its answer (see :meth:`RemoteNode.claim`)."""
         local = self.cluster.local
         if local is not None and local.ready and (near is None or near.node == local.name):
             pool = local.pools.get(self.image, self.profile)
             lease = pool.claim(near) if pool is not None else None
             if lease is not None or near is not None:
                 return lease
-        if near is not None:
+        if near is not None or not remote:
             return None
         for node in self.cluster.remote_nodes():
-            remote = node.claim(self)
-            if remote is not None:
+            claimed = node.claim(self)
+            if claimed is not None:
                 self.last_leased = time.monotonic()
-                return remote
+                return claimed
         return None
 
     @asynccontextmanager
@@ -924,6 +925,8 @@ class RemoteLease:
         node = self.node
         run = _Run(Output(job.output_cap, on_output))
         if node.epoch != self.epoch or node._outbox is None:
+            if self.claim is not None:  # its run never went: it may go elsewhere
+                raise Unclaimed(f"node {node.name} lost before the run went: {node.error}")
             return Result("error", error=f"node {node.name} lost: {node.error}",
                           place=self.place)
         if self.refused is not None:

@@ -86,8 +86,8 @@ class Function:
         ``waited``), and announce it to the watchers of all functions."""
         if self._unsaved is not None:
             spec_json, callback = self._unsaved
-            self._unsaved = None
             self._store.insert(self.record, spec_json, callback)
+            self._unsaved = None
             if announce:
                 self._hub.publish({"event": "status", "id": self.id, "status": self.status})
 
@@ -168,6 +168,7 @@ class Function:
                 return await self._execute(lease, self.spec, self.spec.files(), scheduler)
             except Unclaimed as exc:  # it never started there: it waits as others do
                 log.info("function %s: %s; waiting for another container", self.id, exc)
+                self._back_in_queue(scheduler)
             finally:
                 lease.release()
         near = await scheduler.place_of(self.record.after) if self.record.after else None
@@ -199,6 +200,20 @@ class Function:
                     return self._end("error", str(exc))
             self.requeue = None
 
+    def _back_in_queue(self, scheduler: Scheduler) -> None:
+        """Its first container went before its run came: pending, as it never started."""
+        record = self.record
+        record.status = "pending"
+        record.started_at = record.container = record.workdir = None
+        record.node = record.locality = None
+        self.started = trio.Event()
+        scheduler.requeued(self)
+        if self.saved:
+            self._store.save(record)
+            self._hub.publish({"event": "status", "id": self.id, "status": "pending"})
+        else:
+            self.persist()
+
     async def _execute(self, lease: AnyLease, spec: Spec, files: list, scheduler: Scheduler
                        ) -> None:
         record = self.record
@@ -207,11 +222,6 @@ class Function:
             self.started_in(record, lease)
             self._store.save(record)
             self._hub.publish({"event": "status", "id": self.id, "status": "running"})
-        elif (record.container, record.workdir) != (lease.place.container,
-                                                    lease.place.workdir):
-            self.started_in(record, lease)  # its first container went before it started
-            if self.saved:
-                self._store.save(record)
         self.started.set()
         config = scheduler.config
         outputs, writer = None, None

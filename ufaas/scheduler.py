@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import trio
 from pool import File, Place, PoolError, Profile
 
 from .callbacks import Callbacks, pending
-from .cluster import AnyLease, AnyPool, AnyPools
+from .cluster import AnyLease, AnyPool, AnyPools, ClusterPool
 from .config import Config
 from .fetch import Downloader, FetchError
 from .files import FileStore
@@ -141,7 +142,8 @@ class Scheduler:
         spec = _with_image(parsed.spec)
         if predecessor is not None and strict:
             self._check_strict(predecessor, spec)
-        lease = self._claim(spec, predecessor) if after is None or predecessor else None
+        lease = (self._claim(spec, predecessor, interactive) if after is None or predecessor
+                 else None)
         if lease is None and self._pending >= self.config.queue_limit:
             raise QueueFull(f"{self._pending} functions are pending")
         record = Record(id=str(uuid.uuid4()), spec=spec.summary(), after=after,
@@ -368,9 +370,12 @@ class Scheduler:
 
     # -- inside ---------------------------------------------------------------------------
 
-    def _claim(self, spec: Spec, predecessor: Record | None) -> AnyLease | None:
+    def _claim(self, spec: Spec, predecessor: Record | None, interactive: bool = False
+               ) -> AnyLease | None:
         """A warm container for ``spec`` that is free right now, if there is one and
-        nothing else must come first (downloads, a predecessor that has not finished)."""
+        nothing else must come first (downloads, a predecessor that has not finished).
+        Not a node's for an ``interactive`` function: should that container have gone
+        meanwhile, the stdin fed to its run would be lost with it."""
         if self._nursery is None or any(r.url is not None for r in spec.resources):
             return None
         near = None
@@ -379,6 +384,8 @@ class Scheduler:
                 return None
             near = Place(predecessor.container, predecessor.workdir or "", predecessor.node)
         pool = self.running_pool(spec.image or "", spec.network)
+        if isinstance(pool, ClusterPool):
+            return pool.claim(near, remote=not interactive)
         return pool.claim(near) if pool is not None else None
 
     def _profile(self, image: str, network: bool) -> Profile:
@@ -416,8 +423,17 @@ class Scheduler:
             now = trio.current_time()
             for fid, function in list(self._unsaved.items()):
                 if function.saved or now - function.accepted >= PERSIST_AFTER:
-                    function.persist()
+                    try:
+                        function.persist()
+                    except sqlite3.Error as exc:  # the next round tries again
+                        log.warning("function %s not saved: %s", fid, exc)
+                        continue
                     del self._unsaved[fid]
+
+    def requeued(self, function: Function) -> None:
+        """A function accepted as running that never started: it waits again."""
+        self._pending += 1
+        function.pinned = function.spec is not None and self._pin(function.spec)
 
     def _dequeued(self, function: Function) -> None:
         self._pending -= 1
