@@ -89,7 +89,11 @@ class Function:
             self._store.insert(self.record, spec_json, callback)
             self._unsaved = None
             if announce:
-                self._hub.publish({"event": "status", "id": self.id, "status": self.status})
+                self.announce()
+
+    def announce(self) -> None:
+        """Tell the watchers its status as it is now."""
+        self._hub.publish({"event": "status", "id": self.id, "status": self.status})
 
     @property
     def id(self) -> str:
@@ -157,7 +161,7 @@ class Function:
             self.spec = None
             self.started.set()
             self.done.set()
-            self._hub.publish({"event": "status", "id": self.id, "status": self.status})
+            self.announce()
             self._hub.publish(exit_event(self.record))
 
     async def _run(self, scheduler: Scheduler) -> None:
@@ -210,7 +214,7 @@ class Function:
         scheduler.requeued(self)
         if self.saved:
             self._store.save(record)
-            self._hub.publish({"event": "status", "id": self.id, "status": "pending"})
+            self.announce()
         else:
             self.persist()
 
@@ -221,7 +225,7 @@ class Function:
             self._dequeued(self)
             self.started_in(record, lease)
             self._store.save(record)
-            self._hub.publish({"event": "status", "id": self.id, "status": "running"})
+            self.announce()
         self.started.set()
         config = scheduler.config
         outputs, writer = None, None

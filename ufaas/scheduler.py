@@ -132,7 +132,7 @@ class Scheduler:
         The record is saved before this returns, but with ``waited``: the caller waits
         for the function before it tells anyone its id. Then one that starts at once is
         saved once, when it ends, if that is within ``PERSIST_AFTER``; else it is saved as
-        running then. The caller calls :meth:`Function.persist` before it tells the id of
+        running within twice that. The caller calls :meth:`Function.persist` before it tells the id of
         one that has not ended.
         """
         predecessor = self.get(after) if after is not None else None
@@ -399,7 +399,7 @@ class Scheduler:
             self._pending += 1
         self._nursery.start_soon(self._run, function)
         if function.saved:  # else once it is
-            self.hub.publish({"event": "status", "id": function.id, "status": function.status})
+            function.announce()
 
     async def _run(self, function: Function) -> None:
         try:
