@@ -132,8 +132,8 @@ class Scheduler:
         The record is saved before this returns, but with ``waited``: the caller waits
         for the function before it tells anyone its id. Then one that starts at once is
         saved once, when it ends, if that is within ``PERSIST_AFTER``; else it is saved as
-        running within twice that. The caller calls :meth:`Function.persist` before it tells the id of
-        one that has not ended.
+        running within twice that. The caller calls :meth:`Function.persist` before it
+        tells the id of one that has not ended.
         """
         predecessor = self.get(after) if after is not None else None
         if parsed is None:
