@@ -53,6 +53,30 @@ def python(code: str, **spec) -> dict:
     return {"image": "ufaas-test/python", "command": ["python3", "-c", code], **spec}
 
 
+# A front's handshake, for the tests that play the front on a node's socket themselves.
+FRONT_HEADERS = [(b"authorization", f"Bearer {NODE_TOKEN}".encode()),
+                 (wire.PROTOCOL_HEADER.encode(), wire.speaks().encode()),
+                 (wire.FRONT_HEADER.encode(), b"h0me i0")]
+
+
+class Played:
+    """A node's socket as those tests read it: message by message, a batch ("many")
+    taken apart as a front takes it."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self._read: list = []
+
+    async def until(self, op: str, lid: str | None = None):
+        """The next message of ``op`` (about ``lid``, when given), or a failure."""
+        while True:
+            while not self._read:
+                self._read = wire.messages(await self.ws.get_message())
+            header, parts = self._read.pop(0)
+            if header["op"] in (op, "failed") and (lid is None or header.get("lid") == lid):
+                return header, parts
+
+
 async def test_a_function_runs_on_a_remote_node_as_it_would_here(start_node, front_config,
                                                                   start_server, images):
     node = await start_node("node-a")
@@ -320,13 +344,10 @@ async def test_a_peer_that_breaks_the_protocol_is_cut_off(start_node, front_conf
     ``max_message``, stdin past its window, a message of no kind."""
     caplog.set_level(logging.INFO)
     node = await start_node("node-a", cluster={"max_message": 1 << 20})
-    headers = [(b"authorization", f"Bearer {NODE_TOKEN}".encode()),
-               (wire.PROTOCOL_HEADER.encode(), wire.speaks().encode()),
-               (wire.FRONT_HEADER.encode(), b"h0me i0")]
 
     async def session(send: bytes) -> str:
         async with open_websocket("127.0.0.1", node.port, "/", use_ssl=False,
-                                  extra_headers=headers, max_message_size=1 << 24) as ws:
+                                  extra_headers=FRONT_HEADERS, max_message_size=1 << 24) as ws:
             hello, _ = wire.unpack(await ws.get_message())
             assert hello["op"] == "hello" and hello["node"] == "node-a"
             with trio.fail_after(10):
@@ -357,34 +378,26 @@ async def test_stdin_right_behind_a_run_is_not_lost(start_node, images):
     """What a front sends right after a run (its first stdin, the end of it) may reach the
     node before the run has started there: it is kept for it, every time."""
     node = await start_node("node-a")
-    headers = [(b"authorization", f"Bearer {NODE_TOKEN}".encode()),
-               (wire.PROTOCOL_HEADER.encode(), wire.speaks().encode()),
-               (wire.FRONT_HEADER.encode(), b"h0me i0")]
-
-    async def until(ws, op):
-        while True:
-            header, parts = wire.unpack(await ws.get_message())
-            if header["op"] == op or header["op"] == "failed":
-                return header, parts
 
     with trio.fail_after(90):
         async with open_websocket("127.0.0.1", node.port, "/", use_ssl=False,
-                                  extra_headers=headers, max_message_size=1 << 24) as ws:
+                                  extra_headers=FRONT_HEADERS, max_message_size=1 << 24) as ws:
+            peer = Played(ws)
             for i in range(20):
                 lid = f"l{i}"
                 await ws.send_message(wire.message(
                     "lease", {"profile": Profile(), "near": None}, lid=lid,
                     image=images.python, configured=False, sizes={"max": 1}, strict=False,
                     timeout=30))
-                leased, _ = await until(ws, "leased")
+                leased, _ = await peer.until("leased")
                 assert leased["op"] == "leased", leased
                 for data in (wire.message("run", {"job": Job(["cat"])}, lid=lid, live=True),
                              wire.pack({"op": "stdin", "lid": lid}, [f"in {i}".encode()]),
                              wire.pack({"op": "stdin", "lid": lid, "eof": True})):
                     await ws.send_message(data)
-                out, parts = await until(ws, "out")
+                out, parts = await peer.until("out")
                 assert parts == [f"in {i}".encode()], (out, parts)
-                result, parts = await until(ws, "result")
+                result, parts = await peer.until("result")
                 assert wire.fields_of(result, parts)["result"].outcome == "exited"
                 await ws.send_message(wire.message("release", lid=lid, discard=False))
 
@@ -394,15 +407,6 @@ async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, imag
     without waiting: the node takes that container before reading on, and a run naming one
     that is not idle (taken, or gone) or an unknown pool fails."""
     node = await start_node("node-a")
-    headers = [(b"authorization", f"Bearer {NODE_TOKEN}".encode()),
-               (wire.PROTOCOL_HEADER.encode(), wire.speaks().encode()),
-               (wire.FRONT_HEADER.encode(), b"h0me i0")]
-
-    async def until(ws, op, lid=None):
-        while True:
-            header, parts = wire.unpack(await ws.get_message())
-            if header["op"] in (op, "failed") and header.get("lid", lid) == lid:
-                return header, parts
 
     def run(lid, number, cid, argv):
         return wire.message("run", {"job": Job(argv)}, lid=lid, live=False, pool=number,
@@ -410,37 +414,38 @@ async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, imag
 
     with trio.fail_after(90):
         async with open_websocket("127.0.0.1", node.port, "/", use_ssl=False,
-                                  extra_headers=headers, max_message_size=1 << 24) as ws:
+                                  extra_headers=FRONT_HEADERS, max_message_size=1 << 24) as ws:
+            peer = Played(ws)
             await ws.send_message(wire.message(
                 "pool", {"profile": Profile(), "near": None}, rid="r1", image=images.python,
                 configured=True, sizes={"min_idle": 1, "max": 1}))
-            header, parts = await until(ws, "pool")
+            header, parts = await peer.until("pool")
             number = wire.fields_of(header, parts)["pool"]["number"]
             while True:  # until a beat shows the pool's container idle
-                header, parts = await until(ws, "beat")
+                header, parts = await peer.until("beat")
                 [view] = wire.fields_of(header, parts)["pools"]
                 if view["idle"]:
                     break
             [cid] = view["idle"]
             await ws.send_message(run("a1", number, cid, ["echo", "hi"]))
             await ws.send_message(run("a2", number, cid, ["echo", "no"]))  # taken by a1
-            failed, _ = await until(ws, "failed", "a2")
+            failed, _ = await peer.until("failed", "a2")
             assert failed["op"] == "failed" and "no longer idle" in failed["error"], failed
-            result, parts = await until(ws, "result", "a1")
+            result, parts = await peer.until("result", "a1")
             fields = wire.fields_of(result, parts)  # a short run's output comes with its end
             assert fields["result"].outcome == "exited" and fields["out"] == [[1, b"hi\n"]]
             await ws.send_message(wire.message("release", lid="a1", discard=False))
-            view, _ = await until(ws, "view")
+            view, _ = await peer.until("view")
             assert view["pool"] == number and view["idle"] == [cid], view
             await ws.send_message(run("a3", "no such pool", cid, ["echo", "no"]))
-            assert (await until(ws, "failed", "a3"))[0]["op"] == "failed"
+            assert (await peer.until("failed", "a3"))[0]["op"] == "failed"
             await ws.send_message(run("a4", number, cid, ["sh", "-c", "echo again; sleep 1"]))
-            out, parts = await until(ws, "out", "a4")  # idle again; what it says goes live
+            out, parts = await peer.until("out", "a4")  # idle again; what it says goes live
             assert parts == [b"again\n"], (out, parts)
-            result, parts = await until(ws, "result", "a4")
+            result, parts = await peer.until("result", "a4")
             assert wire.fields_of(result, parts)["out"] == []
             await ws.send_message(wire.message("release", lid="a4", discard=False))
-            view, _ = await until(ws, "view")
+            view, _ = await peer.until("view")
             assert view["idle"] == [cid], view
 
 

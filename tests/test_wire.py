@@ -151,3 +151,52 @@ async def test_a_window_bounds_what_the_receiver_holds():
         await credit.take(8)
     with pytest.raises(wire.WireError):
         credit.give(9)  # more than was ever sent
+
+
+def ops(data: bytes) -> list[str]:
+    return [header["op"] for header, _ in wire.messages(data)]
+
+
+async def test_what_is_queued_together_goes_as_one_message_in_order():
+    outbox = wire.Outbox()
+    for op in ("a", "b", "c"):
+        outbox.put(wire.message(op))
+    assert ops(await outbox.next()) == ["a", "b", "c"]
+    outbox.put(wire.message("alone"))
+    data = await outbox.next()
+    assert wire.unpack(data)[0]["op"] == "alone"  # one message goes as itself
+    big = b"x" * wire.BATCH_BYTES
+    outbox.put(wire.message("small"))
+    outbox.put(wire.pack({"op": "big"}, [big]))
+    outbox.put(wire.message("after"))
+    assert ops(await outbox.next()) == ["small"]  # a batch never grows past BATCH_BYTES
+    assert ops(await outbox.next()) == ["big"]
+    assert ops(await outbox.next()) == ["after"]
+    outbox.close()
+    assert await outbox.next() is None
+
+
+async def test_a_later_message_goes_with_the_next_one_made_as_it_goes(autojump_clock):
+    outbox = wire.Outbox()
+    state = ["first"]
+    outbox.later("pool", lambda: wire.message("view", said=state[0]))
+    outbox.later("lease", lambda: wire.message("release"))
+    outbox.later("pool", lambda: wire.message("view", said=state[0]))  # one per key
+    state[0] = "now"
+    outbox.put(wire.message("run"))
+    got = wire.messages(await outbox.next())
+    assert [h["op"] for h, _ in got] == ["view", "release", "run"]  # before what follows
+    assert got[0][0]["said"] == "now"
+    start = trio.current_time()
+    outbox.later("pool", lambda: wire.message("view"))
+    assert ops(await outbox.next()) == ["view"]  # alone, once it has waited LATER
+    assert trio.current_time() - start == pytest.approx(wire.LATER)
+
+
+def test_a_batch_holds_messages_not_batches():
+    inner = wire.pack({"op": "many"}, [wire.message("a"), wire.message("b")])
+    assert ops(inner) == ["a", "b"]
+    with pytest.raises(wire.WireError):
+        wire.messages(wire.pack({"op": "many"}, [inner]))
+    with pytest.raises(wire.WireError):
+        wire.messages(wire.pack({"op": "many"}, [b"not a message"]))

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -56,9 +57,11 @@ from .wire import (
     PROTOCOL_HEADER,
     Credit,
     Inbox,
+    Outbox,
     WireError,
     fields_of,
     message,
+    messages,
     mismatch,
     pack,
     speaks,
@@ -481,7 +484,7 @@ class RemoteNode(Node):
         # run ends, their claim fails, or they are released unused.
         self._claims: dict[str, RemoteLease] = {}
         self._ids: dict[str, str] = {}  # an image as the front names it -> its ID there
-        self._outbox: trio.MemorySendChannel[bytes] | None = None
+        self._outbox: Outbox | None = None
         self._requests: dict[str, _Request] = {}
         self._runs: dict[str, _Run] = {}
         self._credits: dict[str, Credit] = {}
@@ -568,14 +571,14 @@ class RemoteNode(Node):
             with trio.fail_after(settings.connect_timeout):
                 hello, _ = unpack(await ws.get_message())
             self._greet(hello)
-            send, queued = trio.open_memory_channel[bytes](math.inf)
+            outbox = Outbox()
             async with trio.open_nursery() as nursery:
-                self._outbox = send
+                self._outbox = outbox
                 self.epoch += 1
                 self.state, self.error = "ready", None
                 log.info("node %s ready (%s)", self.name, self.url)
                 self.cluster.joined(self)
-                nursery.start_soon(self._send_forever, ws, queued, nursery.cancel_scope)
+                nursery.start_soon(self._send_forever, ws, outbox, nursery.cancel_scope)
                 nursery.start_soon(self._beat_forever)
                 why = await self._receive_forever(ws)
                 nursery.cancel_scope.cancel()
@@ -599,10 +602,9 @@ class RemoteNode(Node):
         self.name, self.max_containers = name, limit
         self._contact = time.time()
 
-    async def _send_forever(self, ws: WebSocketConnection,
-                            queued: trio.MemoryReceiveChannel[bytes],
+    async def _send_forever(self, ws: WebSocketConnection, outbox: Outbox,
                             scope: trio.CancelScope) -> None:
-        async for data in queued:
+        while (data := await outbox.next()) is not None:
             with trio.move_on_after(self.timeout) as deadline:
                 try:
                     await ws.send_message(data)
@@ -627,7 +629,8 @@ class RemoteNode(Node):
                     return self.error or f"the connection closed ({exc.reason})"
                 self._contact = time.time()
                 try:
-                    self._dispatch(*unpack(data))
+                    for header, parts in messages(data):
+                        self._dispatch(header, parts)
                 except WireError as exc:
                     return f"broke the protocol: {exc}"
                 continue
@@ -637,12 +640,33 @@ class RemoteNode(Node):
         """Queue a message to the node; NodeLost when it is not connected."""
         if self._outbox is None:
             raise NodeLost(f"node {self.name} is {self.state}: {self.error}")
-        self._outbox.send_nowait(data)
+        self._outbox.put(data)
 
     def send_quietly(self, data: bytes, epoch: int | None = None) -> None:
         """Queue a message if the connection (of ``epoch``, when given) still stands."""
         if self._outbox is not None and epoch in (None, self.epoch):
-            self._outbox.send_nowait(data)
+            self._outbox.put(data)
+
+    def released(self, lease: RemoteLease) -> None:
+        """``lease`` ran and is given back: the node is told with the next message (see
+        Outbox.later), and its container counts as idle here meanwhile, so that the next
+        function may claim it (a claim goes behind the release). Should the node not keep
+        it (it retired the container, or gave it to a lease waiting there), the claim is
+        refused and that function waits for another."""
+        if self._outbox is None or lease.epoch != self.epoch:
+            return
+        self._outbox.later(lease.lid, partial(message, "release", lid=lease.lid,
+                                              discard=lease.discard))
+        cid = lease.place.container
+        if lease.discard or not lease.reusable:
+            return
+        for view in self._views.values():
+            if cid in view.containers and cid not in view.idle:
+                view.idle.append(cid)  # the one the node gives next
+                view.stats = dataclasses.replace(view.stats, idle=view.stats.idle + 1,
+                                                 busy=max(view.stats.busy - 1, 0))
+                self.cluster.changed()
+                return
 
     def _dispatch(self, header: dict[str, Any], parts: list[bytes]) -> None:
         op = header["op"]
@@ -886,6 +910,11 @@ def _raise_failed(node: str, header: dict[str, Any]) -> None:
     raise PoolError(error)
 
 
+# The outcomes after which a node's pool keeps the container (a function killed at its
+# deadline or on a cancel leaves it to the next); after an error it is the node's to judge.
+REUSABLE = frozenset({"exited", "timeout", "cancelled"})
+
+
 class RemoteLease:
     """A container held on a remote node, as :class:`pool.Lease` is on this one."""
 
@@ -902,12 +931,16 @@ class RemoteLease:
         self.claim: dict[str, Any] | None = None
         self._ran = False
         self._released = False
+        self.reusable: bool | None = None  # once it ran: whether its container may be again
 
     def release(self) -> None:
         if not self._released:
             self._released = True
             self.node._claims.pop(self.lid, None)
             if self.claim is not None:  # never sent: the node knows nothing of it
+                return
+            if self.reusable is not None:  # it ran: nobody waits for the release
+                self.node.released(self)
                 return
             self.node.send_quietly(message("release", lid=self.lid, discard=self.discard),
                                    self.epoch)
@@ -952,6 +985,8 @@ class RemoteLease:
             with trio.CancelScope(shield=True), trio.move_on_after(KILL_GRACE + node.timeout):
                 node.send_quietly(message("cancel", lid=self.lid), self.epoch)
                 await run.done.wait()
+            if run.result is not None:
+                self.reusable = run.result.outcome in REUSABLE
             raise
         finally:
             node._runs.pop(self.lid, None)
@@ -964,6 +999,7 @@ class RemoteLease:
         elif result.outcome == "error":
             result.error = f"node {node.name}: {result.error}"
         result.place = self.place
+        self.reusable = result.outcome in REUSABLE
         if on_file is not None:
             for kept in result.files:
                 data, kept.data = kept.data or b"", None

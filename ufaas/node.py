@@ -10,11 +10,11 @@ takes them over or, when its instance differs, has them removed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import itertools
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,14 +54,15 @@ from .wire import (
     TOKEN_HEADER,
     Credit,
     Inbox,
+    Outbox,
     WireError,
     counts,
     fields_of,
     message,
+    messages,
     mismatch,
     pack,
     speaks,
-    unpack,
 )
 
 log = logging.getLogger("ufaas.node")
@@ -132,6 +133,9 @@ class _Held:
     discard: bool = False
     run_scope: trio.CancelScope | None = None
     stdin: Inbox | None = None
+    lease: Lease | None = None  # once it holds a container
+    pool: Pool | None = None
+    ran: bool = False  # its run is over: a release gives the container back at once
 
 
 class NodeServer:
@@ -306,7 +310,7 @@ class Session:
         self.pools = pools
         self.peer = peer
         self.timeout = node.cluster.node_timeout
-        self._outbox, self._queued = trio.open_memory_channel[bytes](math.inf)
+        self.outbox = Outbox()
         self._held: dict[str, _Held] = {}
         self._inboxes: dict[str, Inbox] = {}
         self._credits: dict[str, Credit] = {}
@@ -324,26 +328,34 @@ class Session:
 
     def send(self, data: bytes) -> None:
         """Queue a message: the sender sends them in order, each within the deadline."""
-        self._outbox.send_nowait(data)
+        self.outbox.put(data)
 
     async def run(self) -> None:
+        hello = message("hello", node=self.node.name, speaks=self.node.speaks,
+                        max_containers=self.pools.budget.limit)
+        greeted = False
+        with trio.move_on_after(self.timeout), contextlib.suppress(ConnectionClosed):
+            await self.ws.send_message(hello)  # alone and first: the front reads it apart
+            greeted = True
+        if greeted:
+            await self._serve()
+        with trio.CancelScope(shield=True), trio.move_on_after(self.timeout):
+            await self.ws.aclose()
+
+    async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._send_forever)
             nursery.start_soon(self._beat_forever)
             nursery.start_soon(self._flush_forever)
-            self.send(message("hello", node=self.node.name, speaks=self.node.speaks,
-                              max_containers=self.pools.budget.limit))
             try:
                 await self._receive_forever()
             except WireError as exc:
                 log.warning("front at %s broke the protocol: %s", self.peer, exc)
             nursery.cancel_scope.cancel()
-        with trio.CancelScope(shield=True), trio.move_on_after(self.timeout):
-            await self.ws.aclose()
 
     async def _send_forever(self) -> None:
-        async for data in self._queued:
+        while (data := await self.outbox.next()) is not None:
             with trio.move_on_after(self.timeout) as scope:
                 try:
                     await self.ws.send_message(data)
@@ -416,7 +428,8 @@ class Session:
                     data = await self.ws.get_message()
                 except ConnectionClosed:
                     return
-                self._dispatch(*unpack(data))
+                for header, parts in messages(data):
+                    self._dispatch(header, parts)
                 continue
             log.warning("front at %s silent for %g s: closing", self.peer, self.timeout)
             return
@@ -465,6 +478,8 @@ class Session:
             held.asked.set()
             if held.run is None:
                 held.scope.cancel()  # still waiting for a container: stop waiting
+            elif held.ran:  # back at once: a claim of that container may come right behind
+                self._let_go(lid, held)
         elif op == "discard":
             self.pools.discard(_short(header.get("container")))
         elif op == "pool":
@@ -544,6 +559,7 @@ class Session:
                     tell: bool = True) -> None:
         """Hold ``lease`` for the front (``tell``: saying where first): its run, then
         until the front releases it."""
+        held.lease, held.pool = lease, pool
         try:
             if tell:
                 self.send(self._about("leased", pool, lid=lid,
@@ -552,12 +568,20 @@ class Session:
             await held.asked.wait()
             if held.run is not None:
                 await self._run(lid, held, lease)
+                held.ran = True
                 await held.released.wait()
         finally:
-            lease.discard = held.discard
-            lease.release()
-            self.send(self._about("view", pool))
-            del self._held[lid]
+            self._let_go(lid, held)
+
+    def _let_go(self, lid: str, held: _Held) -> None:
+        """Give ``held``'s container back to its pool (once), and tell the front how that
+        pool is now, with the next message."""
+        if self._held.get(lid) is not held or held.lease is None or held.pool is None:
+            return
+        del self._held[lid]
+        held.lease.discard = held.discard
+        held.lease.release()
+        self.outbox.later(held.pool, partial(self._about, "view", held.pool))
 
     async def _run(self, lid: str, held: _Held, lease: Lease) -> None:
         assert held.run is not None

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -25,8 +27,13 @@ from . import __version__
 # changed since its full view went to that front. 3: a container the front chose goes
 # with the run (its pool, container and workdir in the run's header), no claim of its own.
 # 4: a result carries the output that was held for it ("out": [[fd, bytes], ...]).
-PROTOCOL = 4
+# 5: messages queued together go as one ("many", each a part); a release and the view of
+# a pool after one wait to go with the next message (Outbox.later).
+PROTOCOL = 5
 _HEAD = struct.Struct(">I")
+# An Outbox's batch: most bytes of messages sent as one; how long a later one may wait.
+BATCH_BYTES = 256 * 1024
+LATER = 0.005
 # Dataclasses that may travel, by name: a peer cannot make anything else.
 TYPES: dict[str, type] = {cls.__name__: cls for cls in (Job, Result, File, Place, Profile,
                                                       PoolStatistics, Outputs, OutputFile)}
@@ -40,6 +47,10 @@ def schema(types: dict[str, type]) -> str:
 
 
 SCHEMA = schema(TYPES)
+# Each type's fields, looked up once (most of a message is these): see _names.
+_FIELDS: dict[type, dict[str, None]] = {}
+# What JSON holds as it is (a subclass, such as a str enum, goes the long way).
+_PLAIN = frozenset({str, int, float, bool})
 # Headers of the WebSocket handshake: the front's token and what it speaks.
 TOKEN_HEADER = "authorization"
 PROTOCOL_HEADER = "ufaas-protocol"
@@ -83,6 +94,17 @@ def pack(header: dict[str, Any], parts: list[bytes] | None = None) -> bytes:
     return b"".join([_HEAD.pack(len(head)), head, *parts])
 
 
+def messages(data: bytes | str) -> list[tuple[dict[str, Any], list[bytes]]]:
+    """The messages in what a peer sent: one, or those a "many" holds (see Outbox)."""
+    header, parts = unpack(data)
+    if header["op"] != "many":
+        return [(header, parts)]
+    inner = [unpack(part) for part in parts]
+    if any(h["op"] == "many" for h, _ in inner):
+        raise WireError("a many inside a many")
+    return inner
+
+
 def unpack(message: bytes | str) -> tuple[dict[str, Any], list[bytes]]:
     """The header and parts of a message, or WireError. The message's size was capped by
     the transport; every length in it is checked against what arrived before use."""
@@ -109,21 +131,33 @@ def unpack(message: bytes | str) -> tuple[dict[str, Any], list[bytes]]:
     return header, parts
 
 
+def _names(cls: type) -> dict[str, None]:
+    """The fields of dataclass ``cls``, in order (a dict, for its set operations too)."""
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = dict.fromkeys(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def encode(value: Any, parts: list[bytes]) -> Any:
     """``value`` as JSON, its bytes appended to ``parts``. Tags keep every kind apart:
     ``$b`` bytes, ``$d`` a dataclass, ``$t`` a tuple, ``$m`` a dict (whose keys are then
     never mistaken for tags)."""
-    if value is None or isinstance(value, bool | int | float | str):
+    kind = type(value)
+    if value is None or kind in _PLAIN:
+        return value
+    if TYPES.get(kind.__name__) is kind:  # a dataclass of the protocol
+        return {"$d": kind.__name__, "v": {name: encode(getattr(value, name), parts)
+                                           for name in _names(kind)}}
+    if kind is list:
+        return [encode(v, parts) for v in value]
+    if isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, bytes | bytearray | memoryview):
         parts.append(bytes(value))
         return {"$b": len(parts) - 1}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        name = type(value).__name__
-        if TYPES.get(name) is not type(value):
-            raise TypeError(f"{name} is not a type of the protocol")
-        return {"$d": name, "v": {f.name: encode(getattr(value, f.name), parts)
-                                  for f in dataclasses.fields(value)}}
+        raise TypeError(f"{kind.__name__} is not a type of the protocol")
     if isinstance(value, list):
         return [encode(v, parts) for v in value]
     if isinstance(value, tuple):
@@ -132,7 +166,7 @@ def encode(value: Any, parts: list[bytes]) -> Any:
         if not all(isinstance(k, str) for k in value):
             raise TypeError("only string keys travel")
         return {"$m": {k: encode(v, parts) for k, v in value.items()}}
-    raise TypeError(f"a {type(value).__name__} does not travel")
+    raise TypeError(f"a {kind.__name__} does not travel")
 
 
 def decode(value: Any, parts: list[bytes]) -> Any:
@@ -144,9 +178,9 @@ def decode(value: Any, parts: list[bytes]) -> Any:
 
 
 def _decode(value: Any, parts: list[bytes]) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
+    if value is None or type(value) in _PLAIN:
         return value
-    if isinstance(value, list):
+    if type(value) is list:
         return [_decode(v, parts) for v in value]
     if not isinstance(value, dict) or len(value) not in (1, 2):
         raise WireError("an untagged object")
@@ -163,9 +197,9 @@ def _decode(value: Any, parts: list[bytes]) -> Any:
     fields = value.get("v")
     if cls is None or not isinstance(fields, dict):
         raise WireError(f"an object of no type of the protocol ({str(value)[:60]})")
-    known = {f.name for f in dataclasses.fields(cls)}
-    if not set(fields) <= known:
-        raise WireError(f"{cls.__name__} fields unknown here: {sorted(set(fields) - known)}")
+    known = _names(cls).keys()
+    if not known >= fields.keys():
+        raise WireError(f"{cls.__name__} fields unknown here: {sorted(fields.keys() - known)}")
     try:
         return cls(**{k: _decode(v, parts) for k, v in fields.items()})
     except (TypeError, ValueError) as exc:
@@ -201,6 +235,65 @@ def fields_of(header: dict[str, Any], parts: list[bytes]) -> dict[str, Any]:
     if not isinstance(encoded, dict):
         raise WireError("fields that are not an object")
     return {k: decode(v, parts) for k, v in encoded.items()}
+
+
+class Outbox:
+    """The messages to one peer, in order, for the one task that sends them (see
+    :meth:`batches`). What is queued by the time that task takes the next goes with it as
+    one message (up to BATCH_BYTES): every message sent costs a wake-up at both ends.
+
+    A message made :meth:`later` (a release, a pool's new counters: nobody waits for
+    them) waits to go with the next one sent, or LATER seconds at most. It is made
+    when it goes, so it says what is true then.
+    """
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
+        self._later: dict[Any, Callable[[], bytes]] = {}
+        self._due = math.inf  # when the first later message must go
+        self._carried: bytes | None = None  # taken, but over what the last batch held
+        self._waiting = trio.CancelScope()
+
+    def put(self, data: bytes) -> None:
+        self._send.send_nowait(data)
+
+    def later(self, key: Any, make: Callable[[], bytes]) -> None:
+        """Queue ``make()`` to go with the next message; one per ``key`` (its last)."""
+        self._later[key] = make
+        if self._due == math.inf:
+            self._due = self._waiting.deadline = trio.current_time() + LATER
+
+    async def next(self) -> bytes | None:
+        """The next WebSocket message to send; None once the outbox is closed."""
+        while True:
+            taken = [self._carried] if self._carried is not None else []
+            self._carried = None
+            if not taken:
+                with trio.CancelScope(deadline=self._due) as self._waiting:
+                    try:
+                        taken.append(await self._receive.receive())
+                    except trio.EndOfChannel:
+                        return None
+            batch = [make() for make in self._later.values()]
+            self._later.clear()
+            self._due = math.inf
+            batch += taken
+            size = sum(map(len, batch))
+            while size < BATCH_BYTES:
+                try:
+                    data = self._receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if size + len(data) > BATCH_BYTES:
+                    self._carried = data
+                    break
+                batch.append(data)
+                size += len(data)
+            if batch:
+                return batch[0] if len(batch) == 1 else pack({"op": "many"}, batch)
+
+    def close(self) -> None:
+        self._send.close()
 
 
 class Credit:
