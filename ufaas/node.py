@@ -325,6 +325,7 @@ class Session:
         self._held_out: dict[str, list[tuple[int, bytes]]] = {}
         self._held_bytes = 0
         self._out_held = trio.Event()
+        self._holding = trio.CancelScope()  # the hold under way, if any
 
     def send(self, data: bytes) -> None:
         """Queue a message: the sender sends them in order, each within the deadline."""
@@ -368,10 +369,13 @@ class Session:
         self._nursery.cancel_scope.cancel()
 
     async def _flush_forever(self) -> None:
-        """Send held output once it has waited OUTPUT_HOLD."""
+        """Send held output once it has waited OUTPUT_HOLD (no wake-up when it went with
+        its result meanwhile, as a short function's does)."""
         while True:
             await self._out_held.wait()
-            await trio.sleep(OUTPUT_HOLD)
+            if self._held_out:
+                with trio.move_on_after(OUTPUT_HOLD) as self._holding:
+                    await trio.sleep_forever()
             self._out_held = trio.Event()
             for lid in list(self._held_out):
                 self._flush(lid)
@@ -610,6 +614,8 @@ class Session:
         finally:
             held_out = self._held_out.pop(lid, [])
             self._held_bytes -= sum(len(data) for _, data in held_out)
+            if not self._held_out:
+                self._holding.cancel()  # nothing left to flush
         out: list[list[Any]] = [[fd, data] for fd, data in held_out]
         if result is None:  # the front cancelled it: its processes are gone
             result = Result("cancelled")
