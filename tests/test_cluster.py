@@ -235,7 +235,7 @@ async def test_work_spreads_over_the_nodes(start_node, front_config, start_serve
         ids = [(await client.post("/fn", json=python("import time; time.sleep(1)"))).json()["id"]
                for _ in range(4)]
         done = [(await client.get(f"/fn/{fid}?wait=60")).json() for fid in ids]
-        assert [r["status"] for r in done] == ["succeeded"] * 4
+        assert [r["status"] for r in done] == ["succeeded"] * 4, done
         # Both idle containers were used at once; the two that waited went to either.
         assert {done[0]["node"], done[1]["node"]} == {"node-a", "node-b"}, done
 

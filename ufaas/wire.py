@@ -239,7 +239,7 @@ def fields_of(header: dict[str, Any], parts: list[bytes]) -> dict[str, Any]:
 
 class Outbox:
     """The messages to one peer, in order, for the one task that sends them (see
-    :meth:`batches`). What is queued by the time that task takes the next goes with it as
+    :meth:`next`). What is queued by the time that task takes the next goes with it as
     one message (up to BATCH_BYTES): every message sent costs a wake-up at both ends.
 
     A message made :meth:`later` (a release, a pool's new counters: nobody waits for
