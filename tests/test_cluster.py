@@ -405,7 +405,8 @@ async def test_stdin_right_behind_a_run_is_not_lost(start_node, images):
 async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, images):
     """A front that sees an idle container in a pool's view names it in the run it sends,
     without waiting: the node takes that container before reading on, and a run naming one
-    that is not idle (taken, or gone) or an unknown pool fails."""
+    that is not idle (taken, or gone) or an unknown pool fails. A cancel right behind a
+    run holds."""
     node = await start_node("node-a")
 
     def run(lid, number, cid, argv):
@@ -445,6 +446,14 @@ async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, imag
             result, parts = await peer.until("result", "a4")
             assert wire.fields_of(result, parts)["out"] == []
             await ws.send_message(wire.message("release", lid="a4", discard=False))
+            view, _ = await peer.until("view")
+            assert view["idle"] == [cid], view
+            # A cancel read right behind its run, before the run began there, still holds.
+            await ws.send_message(wire.pack({"op": "many"}, [
+                run("a5", number, cid, ["sleep", "30"]), wire.message("cancel", lid="a5")]))
+            result, parts = await peer.until("result", "a5")
+            assert wire.fields_of(result, parts)["result"].outcome == "cancelled"
+            await ws.send_message(wire.message("release", lid="a5", discard=False))
             view, _ = await peer.until("view")
             assert view["idle"] == [cid], view
 

@@ -131,7 +131,8 @@ class _Held:
     asked: trio.Event = field(default_factory=trio.Event)  # run or release came
     released: trio.Event = field(default_factory=trio.Event)
     discard: bool = False
-    run_scope: trio.CancelScope | None = None
+    # Its run's: made with it, so that a cancel read before the run starts is kept.
+    run_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     stdin: Inbox | None = None
     lease: Lease | None = None  # once it holds a container
     pool: Pool | None = None
@@ -472,9 +473,7 @@ class Session:
                 if header.get("eof"):
                     inbox.end()
         elif op == "cancel" and lid in self._held:
-            scope = self._held[lid].run_scope
-            if scope is not None:
-                scope.cancel()
+            self._held[lid].run_scope.cancel()
         elif op == "release" and lid in self._held:
             held = self._held[lid]
             held.discard = bool(header.get("discard"))
@@ -609,8 +608,9 @@ class Session:
 
         result: Result | None = None
         try:
-            with trio.CancelScope() as held.run_scope:
-                result = await lease.run(job, output, held.stdin)
+            if not held.run_scope.cancel_called:  # else cancelled before it began
+                with held.run_scope:
+                    result = await lease.run(job, output, held.stdin)
         finally:
             held_out = self._held_out.pop(lid, [])
             self._held_bytes -= sum(len(data) for _, data in held_out)
