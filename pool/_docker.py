@@ -63,6 +63,7 @@ class ContainerInfo:
     id: str
     state: str
     labels: Mapping[str, str]
+    created: float = 0.0  # when, in seconds since the epoch
 
 
 def _docker_host() -> str:
@@ -315,7 +316,8 @@ class Engine:
         else:
             wanted = list(labels)
         found = await self.call(api.containers, all=True, filters={"label": wanted})
-        return [ContainerInfo(c["Id"], c.get("State", ""), c.get("Labels") or {}) for c in found]
+        return [ContainerInfo(c["Id"], c.get("State", ""), c.get("Labels") or {},
+                              float(c.get("Created") or 0)) for c in found]
 
     async def inspect(self, cid: str) -> dict[str, Any]:
         api = await self.api()

@@ -47,6 +47,10 @@ DEFAULT_WATCH_INTERVAL = 2.0
 DEFAULT_WORKDIRS_KEPT = 16
 DEFAULT_MAX_CONTAINERS = 32
 CLEANUP_TIMEOUT = 15.0
+# A container of any ufaas instance still "created" (never started) this long after its
+# creation was left by an instance killed between the two calls: no process of its own
+# will ever end it, so whichever instance sees it removes it (see Pools.remove_unstarted).
+UNSTARTED_GRACE = 60.0
 # Failed starts are retried ever later, up to this (an image removed behind our back, say).
 _BACKOFF_MAX = 60.0
 # How long an image name keeps the ID it was resolved to: a tag built again is seen then.
@@ -767,6 +771,7 @@ class Pools:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started(self)
+                nursery.start_soon(self._sweep_unstarted_forever)
                 await self._reap_forever()
         finally:
             self._nursery = None
@@ -836,6 +841,37 @@ class Pools:
         """The pool of ``image`` and ``profile`` if it runs, asking the engine nothing."""
         known = self._ids.get(image)
         return None if known is None else self._pools.get((known[0], profile or Profile()))
+
+    async def remove_unstarted(self) -> int:
+        """Remove the containers of any ufaas instance on this engine that were created
+        more than UNSTARTED_GRACE ago and never started; return how many. A container
+        that runs ends with its instance (its lifeline); one killed between its create
+        and its start has no process to end, whoever made it."""
+        try:
+            found = await self.engine.containers(["ufaas.instance"])
+        except EngineError as exc:
+            log.warning("could not look for containers never started: %s", exc)
+            return 0
+        cutoff = time.time() - UNSTARTED_GRACE
+        left = [c for c in found if c.state == "created" and c.created < cutoff]
+
+        async def remove(cid: str) -> None:
+            try:
+                await self.engine.remove(cid)
+            except EngineError as exc:  # tried again at the next sweep
+                log.warning("could not remove container %s: %s", cid[:12], exc)
+
+        async with trio.open_nursery() as nursery:
+            for c in left:
+                nursery.start_soon(remove, c.id)
+        if left:
+            log.info("removed %d containers created but never started", len(left))
+        return len(left)
+
+    async def _sweep_unstarted_forever(self) -> None:
+        while True:
+            await self.remove_unstarted()
+            await trio.sleep(UNSTARTED_GRACE)
 
     async def _reap_forever(self) -> None:
         """Close pools not configured that nobody has used for their ``idle_ttl``: an image

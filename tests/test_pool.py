@@ -326,6 +326,30 @@ async def test_pools_clean_up_everything(engine, images, test_id, test_labels, d
     assert docker_client.containers.list(all=True, filters={"label": label}) == []
 
 
+async def test_containers_never_started_are_removed_whoever_made_them(
+        engine, images, test_id, test_labels, docker_client, monkeypatch):
+    """A container created by an instance killed before it could start it has no lifeline:
+    any instance on the engine removes it once it is UNSTARTED_GRACE old, and nothing
+    younger, or started."""
+    import pool._pool
+
+    other = {**test_labels, "ufaas.home": f"{test_id}-other", "ufaas.instance": f"{test_id}-x"}
+    with trio.fail_after(60):
+        left = docker_client.containers.create(images.busybox, ["sleep", "60"], labels=other)
+        started = docker_client.containers.create(images.busybox, ["sleep", "60"],
+                                                  labels=other)
+        started.start()
+        pools = Pools(engine, home=test_id, instance=f"{test_id}-pools", labels=test_labels)
+        await pools.remove_unstarted()
+        left.reload()  # younger than the grace: kept
+        monkeypatch.setattr(pool._pool, "UNSTARTED_GRACE", 0.0)
+        assert await pools.remove_unstarted() >= 1  # others' leftovers may go too
+        with pytest.raises(docker.errors.NotFound):
+            left.reload()
+        started.reload()
+        assert started.status == "running"
+
+
 @asynccontextmanager
 async def pools_serving(engine, test_id, test_labels, **kw):
     async with trio.open_nursery() as nursery:
