@@ -8,6 +8,7 @@ no thread and no byte is lost to an HTTP client's read-ahead buffer.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import struct
 import urllib.parse
@@ -21,6 +22,8 @@ import docker.types
 import trio
 
 from ._types import Profile
+
+log = logging.getLogger("pool")
 
 T = TypeVar("T")
 
@@ -307,6 +310,19 @@ class Engine:
                         return  # still going: the engine finishes it
                     raise
             await trio.sleep(REMOVE_RETRY * (attempt + 1))
+
+    async def remove_each(self, cids: Iterable[str]) -> None:
+        """Remove these containers at once; one that cannot be is logged, not raised (a
+        sweep that comes again tries it again)."""
+        async def remove(cid: str) -> None:
+            try:
+                await self.remove(cid)
+            except EngineError as exc:
+                log.warning("could not remove container %s: %s", cid[:12], exc)
+
+        async with trio.open_nursery() as nursery:
+            for cid in cids:
+                nursery.start_soon(remove, cid)
 
     async def containers(self, labels: Mapping[str, str] | Iterable[str]) -> list[ContainerInfo]:
         """Containers (running or not) carrying all the given labels (``k=v`` or ``k``)."""

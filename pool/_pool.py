@@ -853,17 +853,8 @@ class Pools:
             log.warning("could not look for containers never started: %s", exc)
             return 0
         cutoff = time.time() - UNSTARTED_GRACE
-        left = [c for c in found if c.state == "created" and c.created < cutoff]
-
-        async def remove(cid: str) -> None:
-            try:
-                await self.engine.remove(cid)
-            except EngineError as exc:  # tried again at the next sweep
-                log.warning("could not remove container %s: %s", cid[:12], exc)
-
-        async with trio.open_nursery() as nursery:
-            for c in left:
-                nursery.start_soon(remove, c.id)
+        left = [c.id for c in found if c.state == "created" and c.created < cutoff]
+        await self.engine.remove_each(left)  # what fails goes at the next sweep
         if left:
             log.info("removed %d containers created but never started", len(left))
         return len(left)

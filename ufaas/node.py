@@ -193,16 +193,7 @@ class NodeServer:
         only those in one of them."""
         found = [c for c in await self.engine.containers({"ufaas.node": self.name})
                  if states is None or c.state in states]
-
-        async def remove(cid: str) -> None:
-            try:
-                await self.engine.remove(cid)
-            except EngineError as exc:
-                log.warning("could not remove container %s: %s", cid[:12], exc)
-
-        async with trio.open_nursery() as nursery:
-            for info in found:
-                nursery.start_soon(remove, info.id)
+        await self.engine.remove_each(c.id for c in found)
         if found:
             log.info("removed %d containers of this node's %s", len(found),
                      "previous run" if states is None else "that had stopped")
