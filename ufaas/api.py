@@ -124,7 +124,8 @@ class _Connection(TrioASGIHTTPConnection):
         request = self._create_request_from_scope(send)
         app = self.app
         assert isinstance(app, _App)
-        taken = await self._take_body(request, receive) if app.may_read(request) else "left"
+        # Not when its token is wrong: the route answers 401 without reading it.
+        taken = await self._take_body(request, receive) if app.has_token(request) else "left"
         if taken == "gone":
             return
         if taken == "whole":
@@ -190,9 +191,9 @@ class _App(QuartTrio):
     asgi_http_class = _Connection
     token = b""
 
-    def may_read(self, request: Any) -> bool:
-        """Whether a request's body may be read before its route runs: not when its token
-        is wrong (the route answers 401 without reading it)."""
+    def has_token(self, request: Any) -> bool:
+        """Whether ``request`` (or a WebSocket's handshake) carries the token (always,
+        when none is set); a Piston route's may carry it bare."""
         return not self.token or authorized(
             self.token, request.headers.get("Authorization", ""), request.args,
             bare=request.path.startswith(PISTON_PREFIX))
@@ -244,10 +245,8 @@ def create_app(scheduler: Scheduler, config: Config,
     async def check_token() -> Response | None:
         if request.endpoint in PUBLIC:
             return None
-        piston = request.path.startswith(PISTON_PREFIX)
-        if not authorized(token, request.headers.get("Authorization", ""), request.args,
-                          bare=piston):
-            if piston:  # errors as Piston shapes them
+        if not app.has_token(request):
+            if request.path.startswith(PISTON_PREFIX):  # errors as Piston shapes them
                 return Response(json.dumps({"message": "missing or wrong token"}), 401,
                                 content_type=JSON_TYPE)
             return error(401, "missing or wrong token", headers={"WWW-Authenticate": "Bearer"})
@@ -258,8 +257,7 @@ def create_app(scheduler: Scheduler, config: Config,
 
     @app.before_websocket
     async def check_ws_token() -> Response | None:
-        if not authorized(token, websocket.headers.get("Authorization", ""), websocket.args,
-                          bare=websocket.path.startswith(PISTON_PREFIX)):
+        if not app.has_token(websocket):
             return error(401, "missing or wrong token")
         return None
 
