@@ -149,7 +149,7 @@ def encode(value: Any, parts: list[bytes]) -> Any:
     if TYPES.get(kind.__name__) is kind:  # a dataclass of the protocol
         return {"$d": kind.__name__, "v": {name: encode(getattr(value, name), parts)
                                            for name in _names(kind)}}
-    if kind is list:
+    if isinstance(value, list):
         return [encode(v, parts) for v in value]
     if isinstance(value, bool | int | float | str):
         return value
@@ -158,8 +158,6 @@ def encode(value: Any, parts: list[bytes]) -> Any:
         return {"$b": len(parts) - 1}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         raise TypeError(f"{kind.__name__} is not a type of the protocol")
-    if isinstance(value, list):
-        return [encode(v, parts) for v in value]
     if isinstance(value, tuple):
         return {"$t": [encode(v, parts) for v in value]}
     if isinstance(value, dict):
