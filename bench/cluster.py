@@ -34,8 +34,17 @@ from typing import Any
 import docker
 
 from ._common import BUSYBOX_IMAGE, LABELS, PYTHON_IMAGE, Row, interleaved, remove_leftovers
-from .floors import agent_floor
-from .run import BenchError, Client, HttpSeries, Server, function_body, outcome, run_batch
+from .floors import agent_floor, link_floor
+from .run import (
+    BenchError,
+    Client,
+    HttpSeries,
+    Server,
+    function_body,
+    outcome,
+    process_cpu_s,
+    run_batch,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "bench" / "results" / "cluster.json"
@@ -121,9 +130,9 @@ def state(client: Client, node: str) -> str | None:
 # -- the extra hop ----------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def host_node(directory: Path) -> Iterator[str]:
+def host_node(directory: Path) -> Iterator[tuple[str, int]]:
     """``ufaas node`` as a process of this machine, on its engine (the fronts' own): the
-    hop alone, without the lab's nested engines. Yields its URL."""
+    hop alone, without the lab's nested engines. Yields its URL and pid."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -145,21 +154,25 @@ def host_node(directory: Path) -> Iterator[str]:
                 return True
             return False
         wait_until("ufaas node on this machine listening", listening)
-        yield f"ws://127.0.0.1:{port}"
+        yield f"ws://127.0.0.1:{port}", proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
-def hop(lab: Any, directory: Path, n: int) -> dict[str, Row]:
+def hop(lab: Any, directory: Path, n: int) -> tuple[dict[str, Row], dict[str, float]]:
     """``echo hi`` one at a time, alternating in blocks: through a front to its own engine
     (the host's), through another to ``ufaas node`` on that same engine (the hop alone),
-    and through a third to ``ufaas node`` on lab node 1 (the hop and a nested engine)."""
+    and through a third to ``ufaas node`` on lab node 1 (the hop and a nested engine).
+    Also the CPU each call costs the first two fronts and that node: on two cores a call's
+    processes run one after the other, so what the node and the front's remote path
+    spend is most of the hop."""
     local = write_config(directory, "hop-local", None, min_idle=1, pool_max=2)
     remote = write_config(directory, "hop-remote", [lab.node_url(1)], min_idle=1, pool_max=2)
-    with host_node(directory) as url:
+    with host_node(directory) as (url, node_pid):
         same = write_config(directory, "hop-same", [url], min_idle=1, pool_max=2)
-        with front(local) as (_, here), front(same) as (_, near), front(remote) as (_, there):
+        with front(local) as (own, here), front(same) as (via, near), \
+                front(remote) as (_, there):
             wait_until("the local pool warm", lambda: warm(here, None))
             wait_until("the same engine's node warm", lambda: warm(near, HOST_NODE))
             wait_until("the remote pool warm", lambda: warm(there, lab.name(1)))
@@ -167,19 +180,27 @@ def hop(lab: Any, directory: Path, n: int) -> dict[str, Row]:
                     "same": Row("front -> ufaas node -> that engine"),
                     "remote": Row("front -> ufaas node -> lab node 1")}
             body = function_body(PYTHON_IMAGE)
+            pids = {"local": own.pid, "same": via.pid, "node": node_pid}
+            before = {k: process_cpu_s(pid) for k, pid in pids.items()}
             interleaved([(rows[k], HttpSeries(c, k, body).once)
                          for k, c in (("local", here), ("same", near), ("remote", there))], n)
-    return rows
+            calls = len(rows["same"].samples_ms) + 3  # and interleaved's warm-up
+            cpu = {k: (process_cpu_s(pid) - before[k]) * 1000 / calls
+                   for k, pid in pids.items()}
+    return rows, cpu
 
 
 def engines(lab: Any, n: int) -> dict[str, float]:
     """The agent's raw round trip (bench.floors) on this machine's engine and on lab node
-    1's: what the nested engine alone adds to a call there."""
+    1's: what the nested engine alone adds to a call there; and the link's round trip
+    alone (bench.floors), the floor of the hop's two messages."""
     found = {}
     for name, client in (("host", docker.from_env()),
                          ("lab", docker.DockerClient(base_url=lab.engine(1)))):
         found[name] = statistics.median(agent_floor(client, n).samples_ms)
         client.close()
+    for kind in ("websocket", "tcp"):
+        found[f"link_{kind}"] = statistics.median(link_floor(n, kind).samples_ms)
     return found
 
 
@@ -274,8 +295,9 @@ def faults(lab: Any, directory: Path) -> list[dict[str, Any]]:
 
 # -- the report ---------------------------------------------------------------------------------
 
-def report(rows: dict[str, Row], floors: dict[str, float], levels: list[dict[str, Any]],
-           joins: list[dict[str, float]], ends: list[dict[str, Any]]) -> dict[str, Any]:
+def report(rows: dict[str, Row], cpu: dict[str, float], floors: dict[str, float],
+           levels: list[dict[str, Any]], joins: list[dict[str, float]],
+           ends: list[dict[str, Any]]) -> dict[str, Any]:
     p = _percentile
     print(f"{'warm echo hi, one at a time':<40} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'fail':>4}")
@@ -289,8 +311,14 @@ def report(rows: dict[str, Row], floors: dict[str, float], levels: list[dict[str
     nested = floors["lab"] - floors["host"]
     print(f"to lab node 1: {p50['remote'] - p50['local']:+.2f} ms p50, of which its nested "
           f"engine: {nested:+.2f} ms (the agent's raw round trip there {floors['lab']:.2f} "
-          f"ms, here {floors['host']:.2f} ms)\n")
-    found = {"hop": hop_of(rows), "extra_hop_p50_ms": extra, "engine_floors_ms": floors}
+          f"ms, here {floors['host']:.2f} ms)")
+    print(f"the link alone, a run out and a result back between two processes: "
+          f"{floors['link_websocket']:.2f} ms p50 on trio-websocket "
+          f"({floors['link_tcp']:.2f} ms on a bare trio TCP stream)")
+    print(f"CPU per call: the front {cpu['local']:.2f} ms to its own engine, "
+          f"{cpu['same']:.2f} ms through the node; the node {cpu['node']:.2f} ms\n")
+    found = {"hop": hop_of(rows), "extra_hop_p50_ms": extra, "engine_floors_ms": floors,
+             "cpu_ms_per_call": cpu}
     if not levels:
         return found
     print(f"{'nodes':>5} {'functions/s':>12} {'p50 ms':>8} {'front CPU ms/fn':>16} "
@@ -353,14 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         lab.serve_nodes(app, NODE_ENV)
         with tempfile.TemporaryDirectory(prefix="ufaas-bench-cluster-") as tmp:
             directory = Path(tmp)
-            rows = hop(lab, directory, args.n)
+            rows, cpu = hop(lab, directory, args.n)
             floors = engines(lab, args.n)
             levels, joins, ends = [], [], []
             if args.only is None:
                 levels = throughput(lab, directory, args.per_level)
                 joins = joining(lab, directory, args.joins)
                 ends = faults(lab, directory)
-        result = report(rows, floors, levels, joins, ends)
+        result = report(rows, cpu, floors, levels, joins, ends)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     finally:

@@ -4,6 +4,9 @@
   raw ASGI app that reads the body and answers a record-sized JSON: no Quart, no ufaas.
 * agent: the in-container agent driven over one held-open exec stream by a plain
   blocking socket, run after run: no pool, no trio, no server.
+* link (bench.cluster's hop): a front's two messages to a node and back, between two trio
+  processes, a run's size out and a result's back, nothing of ufaas around them: over
+  trio-websocket, as the cluster link goes, and over a bare trio TCP stream.
 
 Their sum is the floor of row 3 with this stack here. ``python -m bench.floors`` prints
 them alone; ``python -m bench`` measures them in the same run as its rows.
@@ -16,6 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
+from functools import partial
 from typing import Any
 
 import docker
@@ -175,23 +179,130 @@ def agent_floor(client: docker.DockerClient, n: int, image: str = PYTHON_IMAGE,
         container.remove(force=True)
 
 
+# -- the cluster link ------------------------------------------------------------------------
+
+# About the sizes of a warm ``echo hi``'s run message and its result in wire 5.
+RUN_BYTES, RESULT_BYTES = 500, 400
+_LENGTH = struct.Struct(">I")
+
+
+async def _read_frame(stream: Any, buf: bytearray) -> bytes | None:
+    """One length-prefixed frame off ``stream`` (whatever follows it stays in ``buf``);
+    None at the stream's end."""
+    while len(buf) < _LENGTH.size or len(buf) < _LENGTH.size + _LENGTH.unpack_from(buf)[0]:
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        buf += data
+    size = _LENGTH.unpack_from(buf)[0]
+    frame = bytes(buf[_LENGTH.size:_LENGTH.size + size])
+    del buf[:_LENGTH.size + size]
+    return frame
+
+
+def _serve_link(kind: str) -> None:
+    """Run in a child process: answer each message with a result-sized one, print the port."""
+    import trio
+    from trio_websocket import serve_websocket
+
+    answer = b"r" * RESULT_BYTES
+
+    async def on_socket(request: Any) -> None:
+        ws = await request.accept()
+        while True:
+            await ws.get_message()
+            await ws.send_message(answer)
+
+    async def on_stream(stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        while await _read_frame(stream, buf) is not None:
+            await stream.send_all(_LENGTH.pack(len(answer)) + answer)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            if kind == "websocket":
+                server = await nursery.start(serve_websocket, on_socket, "127.0.0.1", 0, None)
+                port = server.port
+            else:
+                listeners = await nursery.start(
+                    partial(trio.serve_tcp, on_stream, 0, host="127.0.0.1"))
+                port = listeners[0].socket.getsockname()[1]
+            print(port, flush=True)
+
+    trio.run(main)
+
+
+def link_floor(n: int, kind: str = "websocket") -> Row:
+    """``n`` round trips, one at a time, of a run-sized message and a result-sized answer
+    to another trio process: over trio-websocket (``kind`` "websocket") or a bare TCP
+    stream ("tcp")."""
+    import time
+
+    import trio
+    from trio_websocket import open_websocket
+
+    proc = subprocess.Popen([sys.executable, "-m", "bench.floors", "--serve-link", kind],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    row = Row(f"link round trip, {'trio-websocket' if kind == 'websocket' else 'bare trio TCP'}")
+    out = b"j" * RUN_BYTES
+
+    async def times(send: Any, receive: Any) -> None:
+        for i in range(n + 50):
+            began = time.perf_counter()
+            await send(out)
+            got = await receive()
+            if len(got) != RESULT_BYTES:
+                row.failures.append(f"{len(got)} bytes back")
+            if i >= 50:  # the first ones warm both ends up
+                row.samples_ms.append((time.perf_counter() - began) * 1000)
+
+    async def main(port: int) -> None:
+        with trio.fail_after(READY_TIMEOUT + n):
+            if kind == "websocket":
+                async with open_websocket("127.0.0.1", port, "/", use_ssl=False) as ws:
+                    await times(ws.send_message, ws.get_message)
+                return
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            buf = bytearray()
+
+            async def send(data: bytes) -> None:
+                await stream.send_all(_LENGTH.pack(len(data)) + data)
+
+            async def receive() -> bytes:
+                return await _read_frame(stream, buf) or b""
+            async with stream:
+                await times(send, receive)
+    try:
+        assert proc.stdout is not None
+        trio.run(main, int(proc.stdout.readline()))
+        return row
+    finally:
+        proc.terminate()
+        proc.wait(timeout=READY_TIMEOUT)
+
+
 def main(argv: list[str]) -> int:
     if argv == ["--serve-http"]:
         _serve_bare()
+        return 0
+    if argv[:1] == ["--serve-link"]:
+        _serve_link(argv[1])
         return 0
     import statistics
 
     body = json.dumps({"image": PYTHON_IMAGE, "command": ARGV}).encode()
     client = docker.from_env()
     rows = [http_floor(500, body), agent_floor(client, 500)]
-    for row in rows:
+    links = [link_floor(500, "websocket"), link_floor(500, "tcp")]
+    for row in rows + links:
         print(f"{row.name:<32} p50 {statistics.median(row.samples_ms):6.2f} ms"
               + (f"  (command {statistics.median(row.inside_ms):.2f} ms inside)"
                  if row.inside_ms else "")
               + (f"  FAILURES: {row.failures[:3]}" if row.failures else ""))
     total = sum(statistics.median(r.samples_ms) for r in rows)
     print(f"{'sum: the floor of row 3':<32} p50 {total:6.2f} ms")
-    return 1 if any(r.failures for r in rows) else 0
+    print("(the link rows are the floor of bench.cluster's extra hop: its two messages)")
+    return 1 if any(r.failures for r in rows + links) else 0
 
 
 if __name__ == "__main__":
