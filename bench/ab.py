@@ -23,6 +23,7 @@ import docker
 from ._common import (
     EXPECTED,
     PYTHON_IMAGE,
+    WARMUP,
     Row,
     interleaved,
     percentile,
@@ -72,7 +73,7 @@ def measure(trees: dict[str, Path], n: int, block: int) -> None:
             interleaved([(rows[name], series[name].once) for name in trees], n, block)
             for name, server in servers.items():
                 after = cpu_snapshot(server)
-                done = len(rows[name].samples_ms) + 3  # and the warm-up
+                done = len(rows[name].samples_ms) + WARMUP  # and the warm-up
                 cpu[name] = {k: (after[k] - before[name][k]) * 1000 / done
                              for k in CPU_PARTS}
             scrapes = Row("GET /metrics")

@@ -33,7 +33,15 @@ from typing import Any
 
 import docker
 
-from ._common import BUSYBOX_IMAGE, LABELS, PYTHON_IMAGE, Row, interleaved, remove_leftovers
+from ._common import (
+    BUSYBOX_IMAGE,
+    LABELS,
+    PYTHON_IMAGE,
+    WARMUP,
+    Row,
+    interleaved,
+    remove_leftovers,
+)
 from .floors import agent_floor, link_floor
 from .run import (
     BenchError,
@@ -184,7 +192,7 @@ def hop(lab: Any, directory: Path, n: int) -> tuple[dict[str, Row], dict[str, fl
             before = {k: process_cpu_s(pid) for k, pid in pids.items()}
             interleaved([(rows[k], HttpSeries(c, k, body).once)
                          for k, c in (("local", here), ("same", near), ("remote", there))], n)
-            calls = len(rows["same"].samples_ms) + 3  # and interleaved's warm-up
+            calls = len(rows["same"].samples_ms) + WARMUP  # and interleaved's warm-up
             cpu = {k: (process_cpu_s(pid) - before[k]) * 1000 / calls
                    for k, pid in pids.items()}
     return rows, cpu

@@ -14,11 +14,13 @@ them alone; ``python -m bench`` measures them in the same run as its rows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -73,15 +75,25 @@ def _serve_bare() -> None:
     trio.run(main)
 
 
+@contextlib.contextmanager
+def _serving(*flags: str) -> Iterator[int]:
+    """``python -m bench.floors FLAGS`` in a child process, serving until the block ends:
+    yields the port it prints."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.floors", *flags],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=READY_TIMEOUT)
+
+
 def http_floor(n: int, body: bytes, name: str = "bare hypercorn, raw ASGI") -> Row:
     """Row 3's request, ``n`` times over one keep-alive connection, against the bare app."""
     import http.client
 
-    proc = subprocess.Popen([sys.executable, "-m", "bench.floors", "--serve-http"],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
+    with _serving("--serve-http") as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=READY_TIMEOUT)
 
         def once() -> tuple[bytes, str]:
@@ -92,9 +104,6 @@ def http_floor(n: int, body: bytes, name: str = "bare hypercorn, raw ASGI") -> R
         row = timed(Row(name), n, once, warmup=50)
         conn.close()
         return row
-    finally:
-        proc.terminate()
-        proc.wait(timeout=READY_TIMEOUT)
 
 
 # -- agent -------------------------------------------------------------------------------------
@@ -241,8 +250,6 @@ def link_floor(n: int, kind: str = "websocket") -> Row:
     import trio
     from trio_websocket import open_websocket
 
-    proc = subprocess.Popen([sys.executable, "-m", "bench.floors", "--serve-link", kind],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     row = Row(f"link round trip, {'trio-websocket' if kind == 'websocket' else 'bare trio TCP'}")
     out = b"j" * RUN_BYTES
 
@@ -272,13 +279,9 @@ def link_floor(n: int, kind: str = "websocket") -> Row:
                 return await _read_frame(stream, buf) or b""
             async with stream:
                 await times(send, receive)
-    try:
-        assert proc.stdout is not None
-        trio.run(main, int(proc.stdout.readline()))
-        return row
-    finally:
-        proc.terminate()
-        proc.wait(timeout=READY_TIMEOUT)
+    with _serving("--serve-link", kind) as port:
+        trio.run(main, port)
+    return row
 
 
 def main(argv: list[str]) -> int:
