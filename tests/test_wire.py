@@ -193,6 +193,22 @@ async def test_a_later_message_goes_with_the_next_one_made_as_it_goes(autojump_c
     assert trio.current_time() - start == pytest.approx(wire.LATER)
 
 
+async def test_a_later_message_may_go_at_once_or_find_nothing_to_say(autojump_clock):
+    outbox = wire.Outbox()
+    start = trio.current_time()
+    outbox.later("view", lambda: None)  # nothing new by the time it goes
+    outbox.later("out", lambda: wire.message("out"), now=True)
+    assert ops(await outbox.next()) == ["out"]
+    assert trio.current_time() == start  # did not wait LATER
+    outbox.later("view", lambda: None)
+    outbox.put(wire.message("run"))
+    assert ops(await outbox.next()) == ["run"]
+    outbox.later("view", lambda: None)
+    with trio.move_on_after(1) as waited:
+        await outbox.next()  # nothing to send: it waits on past LATER
+    assert waited.cancelled_caught
+
+
 def test_a_batch_holds_messages_not_batches():
     inner = wire.pack({"op": "many"}, [wire.message("a"), wire.message("b")])
     assert ops(inner) == ["a", "b"]

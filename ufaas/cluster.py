@@ -55,6 +55,7 @@ from .store import iso
 from .wire import (
     FRONT_HEADER,
     PROTOCOL_HEADER,
+    REUSABLE,
     Credit,
     Inbox,
     Outbox,
@@ -688,6 +689,9 @@ class RemoteNode(Node):
         elif op == "view":
             self._view_in(header, parts)
             self.cluster.changed()
+        elif op == "out" and key in self._runs and "v" in header:  # held, maybe pieces
+            for fd, data in _output(fields_of(header, parts).get("out")):
+                self._runs[key].output.add(fd, data)
         elif op == "out" and key in self._runs:
             fd = header.get("fd")
             if fd not in (1, 2) or len(parts) != 1:
@@ -695,10 +699,8 @@ class RemoteNode(Node):
             self._runs[key].output.add(fd, parts[0])
         elif op == "result" and key in self._runs:
             fields = fields_of(header, parts)
-            result, out = fields.get("result"), fields.get("out", [])
-            if not isinstance(result, Result) or not isinstance(out, list) or not all(
-                    isinstance(o, list) and len(o) == 2 and o[0] in (1, 2)
-                    and isinstance(o[1], bytes) for o in out):
+            result, out = fields.get("result"), _output(fields.get("out", []))
+            if not isinstance(result, Result):
                 raise WireError("a result that is not one")
             run = self._runs[key]
             for fd, data in out:  # the output that came with its end
@@ -896,6 +898,15 @@ class RemoteNode(Node):
             raise PoolError(str(request.reply[0].get("error")))
 
 
+def _output(said: object) -> list[list[Any]]:
+    """Output a node held and sent in one piece: ``[[fd, bytes], ...]``, or WireError."""
+    if not isinstance(said, list) or not all(
+            isinstance(o, list) and len(o) == 2 and o[0] in (1, 2)
+            and isinstance(o[1], bytes) for o in said):
+        raise WireError("output that is not [stream, bytes] pairs")
+    return said
+
+
 class Refused(Exception):
     """The node and this front cannot work together (a version mismatch)."""
 
@@ -910,9 +921,6 @@ def _raise_failed(node: str, header: dict[str, Any]) -> None:
     raise PoolError(error)
 
 
-# The outcomes after which a node's pool keeps the container (a function killed at its
-# deadline or on a cancel leaves it to the next); after an error it is the node's to judge.
-REUSABLE = frozenset({"exited", "timeout", "cancelled"})
 
 
 class RemoteLease:

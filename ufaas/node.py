@@ -51,6 +51,7 @@ from .wire import (
     COUNTERS,
     FRONT_HEADER,
     PROTOCOL_HEADER,
+    REUSABLE,
     TOKEN_HEADER,
     Credit,
     Inbox,
@@ -78,9 +79,8 @@ STDIN_WINDOW = 1 * MiB
 IMAGE_WINDOW = 8 * MiB
 RECEIVE_BUFFER = 65536
 MAX_ID = 64  # characters of an id a front gives (a lease's, a request's, its own)
-# A run's output waits at most this long for more of it, or for its result, to go in the
-# same message: one message for a short function's output and its end, not two.
-OUTPUT_HOLD = 0.005
+# A run's output waits (wire.LATER at most) for more of it, or for its result, to go in
+# the same message: one message for a short function's output and its end, not two.
 OUTPUT_HOLD_BYTES = 256 * 1024  # output held past this goes at once
 # How often stopped containers of this node (a removal that failed leaves one "dead") are
 # looked for and removed.
@@ -137,6 +137,7 @@ class _Held:
     lease: Lease | None = None  # once it holds a container
     pool: Pool | None = None
     ran: bool = False  # its run is over: a release gives the container back at once
+    reusable: bool = False  # its run ended so that the front counts its container idle
 
 
 class NodeServer:
@@ -307,17 +308,16 @@ class Session:
         self._inboxes: dict[str, Inbox] = {}
         self._credits: dict[str, Credit] = {}
         self._exports: dict[str, trio.CancelScope] = {}
-        # Each pool's number in this session, and the rest of its view (all but its
-        # counters) as the front was last told it.
-        self._shown: dict[Pool, tuple[int, tuple]] = {}
+        # Each pool's number in this session, the rest of its view (all but its counters
+        # and idle containers) as the front was last told it, and those counters and
+        # containers as it was last told them.
+        self._shown: dict[Pool, tuple[int, tuple, tuple]] = {}
         self._numbered: dict[int, Pool] = {}
         self._numbers = itertools.count()
         self._nursery: trio.Nursery | None = None
-        # Output of runs that is held (see OUTPUT_HOLD), by lease; its size.
-        self._held_out: dict[str, list[tuple[int, bytes]]] = {}
+        # Output of runs that is held (see OUTPUT_HOLD_BYTES), by lease; its size.
+        self._held_out: dict[str, list[list[Any]]] = {}
         self._held_bytes = 0
-        self._out_held = trio.Event()
-        self._holding = trio.CancelScope()  # the hold under way, if any
 
     def send(self, data: bytes) -> None:
         """Queue a message: the sender sends them in order, each within the deadline."""
@@ -340,7 +340,6 @@ class Session:
             self._nursery = nursery
             nursery.start_soon(self._send_forever)
             nursery.start_soon(self._beat_forever)
-            nursery.start_soon(self._flush_forever)
             try:
                 await self._receive_forever()
             except WireError as exc:
@@ -360,37 +359,32 @@ class Session:
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 
-    async def _flush_forever(self) -> None:
-        """Send held output once it has waited OUTPUT_HOLD (no wake-up when it went with
-        its result meanwhile, as a short function's does)."""
-        while True:
-            await self._out_held.wait()
-            if self._held_out:
-                with trio.move_on_after(OUTPUT_HOLD) as self._holding:
-                    await trio.sleep_forever()
-            self._out_held = trio.Event()
-            for lid in list(self._held_out):
-                self._flush(lid)
-
-    def _flush(self, lid: str) -> None:
-        for fd, data in self._held_out.pop(lid, ()):
-            self._held_bytes -= len(data)
-            self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
-
     def _hold_output(self, lid: str, fd: int, data: bytes) -> None:
-        self._held_out.setdefault(lid, []).append((fd, data))
-        self._held_bytes += len(data)
-        if self._held_bytes > OUTPUT_HOLD_BYTES:
-            for held in list(self._held_out):
-                self._flush(held)
+        """Keep output of run ``lid`` to go with its result or the next message sent
+        (within wire.LATER); at once when over OUTPUT_HOLD_BYTES is held."""
+        held = self._held_out.setdefault(lid, [])
+        if held and held[-1][0] == fd:
+            held[-1][1] += data
         else:
-            self._out_held.set()
+            held.append([fd, bytearray(data)])
+        self._held_bytes += len(data)
+        self.outbox.later(("out", lid), partial(self._held_output, lid),
+                          now=self._held_bytes > OUTPUT_HOLD_BYTES)
+
+    def _take_output(self, lid: str) -> list[list[Any]]:
+        held = self._held_out.pop(lid, [])
+        self._held_bytes -= sum(len(data) for _, data in held)
+        return held
+
+    def _held_output(self, lid: str) -> bytes | None:
+        held = self._take_output(lid)
+        return message("out", {"out": held}, lid=lid) if held else None
 
     async def _beat_forever(self) -> None:
         while True:
             # Every pool in full, every beat: the front's view of them is never older.
             self._shown = {p: self._shown[p] for p in self.pools if p in self._shown}
-            self._numbered = {number: p for p, (number, _) in self._shown.items()}
+            self._numbered = {shown[0]: p for p, shown in self._shown.items()}
             self.send(message("beat", {"pools": [self._view(p) for p in self.pools]},
                               engine=self.node.engine_ok))
             await trio.sleep(self.node.cluster.heartbeat)
@@ -399,23 +393,37 @@ class Session:
         """``pool``'s full view, numbered for this session, as the front is now told."""
         view = pool_view(pool)
         number = self._shown[pool][0] if pool in self._shown else next(self._numbers)
-        self._shown[pool] = (number, _rest(view))
+        self._shown[pool] = (number, _rest(view), _said(view))
         self._numbered[number] = pool
         view["number"] = number
         return view
 
-    def _about(self, op: str, pool: Pool, **plain: Any) -> bytes:
-        """A message about ``pool``: its number and counters alone when the rest of its
-        view is what the front was last told (a lease or a release changes counters and
-        which containers are idle only), its full view otherwise. Most messages of a run
-        are these: the counters spare encoding and decoding a view each time."""
+    def _about(self, op: str, pool: Pool, view: dict[str, Any] | None = None,
+               **plain: Any) -> bytes:
+        """A message about ``pool`` (whose ``view`` may be made already): its number and
+        counters alone when the rest of its view is what the front was last told (a lease
+        or a release changes counters and which containers are idle only), its full view
+        otherwise. Most messages of a run are these: the counters spare encoding and
+        decoding a view each time."""
         shown = self._shown.get(pool)
         if shown is not None:
-            view = pool_view(pool)
+            view = view or pool_view(pool)
             if _rest(view) == shown[1]:
-                return message(op, pool=shown[0], counts=counts(view["statistics"]),
-                               idle=view["idle"], **plain)
+                said = _said(view)
+                self._shown[pool] = (shown[0], shown[1], said)
+                return message(op, pool=shown[0], counts=said[0], idle=view["idle"],
+                               **plain)
         return message(op, {"pool": self._view(pool)}, **plain)
+
+    def _released(self, pool: Pool, counted: bool) -> bytes | None:
+        """The view of ``pool`` after a release; None when the front ``counted`` the
+        release itself (its container idle again: wire.REUSABLE) and the pool is now what
+        the front was last told, as it is after a claim and its run."""
+        shown, view = self._shown.get(pool), pool_view(pool)
+        if (counted and shown is not None and _said(view) == shown[2]
+                and _rest(view) == shown[1]):
+            return None
+        return self._about("view", pool, view)
 
     async def _receive_forever(self) -> None:
         while True:
@@ -575,7 +583,8 @@ class Session:
         del self._held[lid]
         held.lease.discard = held.discard
         held.lease.release()
-        self.outbox.later(held.pool, partial(self._about, "view", held.pool))
+        self.outbox.later(held.pool, partial(self._released, held.pool,
+                                             held.reusable and not held.discard))
 
     async def _run(self, lid: str, held: _Held, lease: Lease) -> None:
         assert held.run is not None
@@ -603,13 +612,10 @@ class Session:
                 with held.run_scope:
                     result = await lease.run(job, output, held.stdin)
         finally:
-            held_out = self._held_out.pop(lid, [])
-            self._held_bytes -= sum(len(data) for _, data in held_out)
-            if not self._held_out:
-                self._holding.cancel()  # nothing left to flush
-        out: list[list[Any]] = [[fd, data] for fd, data in held_out]
+            out = self._take_output(lid)
         if result is None:  # the front cancelled it: its processes are gone
             result = Result("cancelled")
+        held.reusable = result.outcome in REUSABLE
         result.place = None  # the front knows where it ran
         result.stdout = result.stderr = b""  # it has them from "out" messages and "out" here
         self.send(message("result", {"result": result, "out": out}, lid=lid))
@@ -676,6 +682,11 @@ def _rest(view: dict[str, Any]) -> tuple:
     stats = view["statistics"]
     return (tuple(v for k, v in view.items() if k not in ("statistics", "idle")),
             tuple(getattr(stats, name) for name in _NOT_COUNTERS))
+
+
+def _said(view: dict[str, Any]) -> tuple:
+    """A pool's counters and idle containers, as a view tells them."""
+    return tuple(counts(view["statistics"])), tuple(view["idle"])
 
 
 def _pool_fields(header: dict[str, Any], parts: list[bytes]) -> dict[str, Any]:

@@ -28,8 +28,10 @@ from . import __version__
 # with the run (its pool, container and workdir in the run's header), no claim of its own.
 # 4: a result carries the output that was held for it ("out": [[fd, bytes], ...]).
 # 5: messages queued together go as one ("many", each a part); a release and the view of
-# a pool after one wait to go with the next message (Outbox.later).
-PROTOCOL = 5
+# a pool after one wait to go with the next message (Outbox.later). 6: output held for
+# a result goes the same way, several pieces in one "out" ("out": [[fd, bytes], ...]); a
+# pool's view after a release goes only when it differs from what the front was told.
+PROTOCOL = 6
 _HEAD = struct.Struct(">I")
 # An Outbox's batch: most bytes of messages sent as one; how long a later one may wait.
 BATCH_BYTES = 256 * 1024
@@ -60,6 +62,12 @@ FRONT_HEADER = "ufaas-front"
 # What changes with every lease and release of a pool: sent alone, in this order, when the
 # rest of its view (settings, containers, errors) is what the front was last told.
 COUNTERS = ("idle", "busy", "starting", "total", "waiting", "started")
+
+
+# The outcomes after which a node's pool keeps the container (a function killed at its
+# deadline or on a cancel leaves it to the next), as the front counts it idle again on
+# its release; after an error it is the node's to judge, and to say.
+REUSABLE = frozenset({"exited", "timeout", "cancelled"})
 
 
 class WireError(Exception):
@@ -240,14 +248,15 @@ class Outbox:
     :meth:`next`). What is queued by the time that task takes the next goes with it as
     one message (up to BATCH_BYTES): every message sent costs a wake-up at both ends.
 
-    A message made :meth:`later` (a release, a pool's new counters: nobody waits for
-    them) waits to go with the next one sent, or LATER seconds at most. It is made
-    when it goes, so it says what is true then.
+    A message made :meth:`later` (a release, a pool's new counters, output held in
+    case its result follows: nobody waits for them) waits to go with the next one sent,
+    or LATER seconds at most. It is made when it goes, so it says what is true then, or
+    nothing (None) when nothing is left to say.
     """
 
     def __init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
-        self._later: dict[Any, Callable[[], bytes]] = {}
+        self._later: dict[Any, Callable[[], bytes | None]] = {}
         self._due = math.inf  # when the first later message must go
         self._carried: bytes | None = None  # taken, but over what the last batch held
         self._waiting = trio.CancelScope()
@@ -255,11 +264,14 @@ class Outbox:
     def put(self, data: bytes) -> None:
         self._send.send_nowait(data)
 
-    def later(self, key: Any, make: Callable[[], bytes]) -> None:
-        """Queue ``make()`` to go with the next message; one per ``key`` (its last)."""
+    def later(self, key: Any, make: Callable[[], bytes | None], *, now: bool = False
+              ) -> None:
+        """Queue ``make()`` to go with the next message; one per ``key`` (its last).
+        ``now``: it goes at once, with what else is queued, as if it had waited."""
         self._later[key] = make
-        if self._due == math.inf:
-            self._due = self._waiting.deadline = trio.current_time() + LATER
+        due = trio.current_time() + (0 if now else LATER)
+        if due < self._due:
+            self._due = self._waiting.deadline = due
 
     async def next(self) -> bytes | None:
         """The next WebSocket message to send; None once the outbox is closed."""
@@ -272,8 +284,9 @@ class Outbox:
                         taken.append(await self._receive.receive())
                     except trio.EndOfChannel:
                         return None
-            batch = [make() for make in self._later.values()]
+            made = [make() for make in self._later.values()]
             self._later.clear()
+            batch = [data for data in made if data is not None]
             self._due = math.inf
             batch += taken
             size = sum(map(len, batch))
