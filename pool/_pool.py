@@ -790,9 +790,7 @@ class Pools:
             log.warning("could not look for stale containers: %s", exc)
             return 0
         stale = [c for c in found if c.labels.get("ufaas.instance") != self.instance]
-        async with trio.open_nursery() as nursery:
-            for c in stale:
-                nursery.start_soon(self.engine.remove, c.id)
+        await self.engine.remove_each(c.id for c in stale)  # one that fails is logged
         return len(stale)
 
     async def add(self, image: str, profile: Profile | None = None, *,

@@ -326,6 +326,39 @@ async def test_pools_clean_up_everything(engine, images, test_id, test_labels, d
     assert docker_client.containers.list(all=True, filters={"label": label}) == []
 
 
+async def test_a_stale_container_that_cannot_be_removed_does_not_stop_the_start(
+        images, test_id, test_labels, docker_client, caplog):
+    """The engine refuses to remove one container of an earlier instance: the others go,
+    that one is logged, and the pools start all the same."""
+    from pool import Engine, EngineError
+
+    old = {**test_labels, "ufaas.home": test_id, "ufaas.instance": f"{test_id}-old"}
+    stuck = docker_client.containers.create(images.busybox, ["sleep", "60"], labels=old)
+    gone = docker_client.containers.create(images.busybox, ["sleep", "60"], labels=old)
+
+    class Refusing(Engine):
+        async def remove(self, cid: str, timeout: float = 10.0) -> None:
+            if cid == stuck.id:
+                raise EngineError("removal refused (the test's)")
+            await super().remove(cid, timeout)
+
+    engine = Refusing()
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                pools = Pools(engine, home=test_id, instance=f"{test_id}-pools",
+                              labels=test_labels)
+                await nursery.start(pools.serve)  # started: the refusal did not end it
+                with pytest.raises(docker.errors.NotFound):
+                    gone.reload()
+                stuck.reload()
+                assert f"could not remove container {stuck.id[:12]}" in caplog.text
+                nursery.cancel_scope.cancel()
+    finally:
+        stuck.remove(force=True)
+        await engine.aclose()
+
+
 async def test_containers_never_started_are_removed_whoever_made_them(
         engine, images, test_id, test_labels, docker_client, monkeypatch):
     """A container created by an instance killed before it could start it has no lifeline:
