@@ -463,6 +463,34 @@ async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, imag
             assert view["number"] == number and cid not in view["containers"], view
 
 
+async def test_much_output_through_a_node_comes_whole_and_in_order(start_node, front_config,
+                                                                  start_server):
+    """A node holds a run's output to send it with the result, up to OUTPUT_HOLD_BYTES;
+    past that the run's output goes on as it comes. Either way the front gets it all, in
+    order, each stream apart."""
+    from ufaas.node import OUTPUT_HOLD_BYTES
+
+    node = await start_node("node-a")
+    client = await start_server(front_config([node.url]))
+    # Written at once, faster than the node sends: past the hold before it goes.
+    lines = OUTPUT_HOLD_BYTES // 3  # ~6 bytes a line: twice the hold, a bit more
+    code = ("import os\n"
+            f"text = ''.join(f'{{i}}\\n' for i in range({lines})).encode()\n"
+            "for k in range(0, len(text), 100000):\n"
+            "    os.write(1, text[k:k + 100000])\n"
+            "    os.write(2, b'err %d\\n' % k)\n")
+    with trio.fail_after(90):
+        await wait_nodes(client, ["node-a"])
+        await wait_warm(client, "node-a")
+        done = (await client.post("/fn?wait=30", json=python(code))).json()
+        assert done["status"] == "succeeded" and not done["truncated"], done["status"]
+        text = "".join(f"{i}\n" for i in range(lines))
+        assert done["stdout"] == text
+        assert done["stderr"] == "".join(f"err {k}\n" for k in range(0, len(text), 100000))
+        short = (await client.post("/fn?wait=30", json=python("print('short')"))).json()
+        assert short["stdout"] == "short\n", short
+
+
 async def test_a_node_that_breaks_the_protocol_is_lost(front_config, start_server, nursery):
     """The front checks what a node claims as a node checks the front: here a node that
     greets properly, then sends a beat whose pools are not pools."""

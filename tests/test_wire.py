@@ -193,20 +193,30 @@ async def test_a_later_message_goes_with_the_next_one_made_as_it_goes(autojump_c
     assert trio.current_time() - start == pytest.approx(wire.LATER)
 
 
-async def test_a_later_message_may_go_at_once_or_find_nothing_to_say(autojump_clock):
+async def test_a_later_message_may_find_nothing_to_say(autojump_clock):
     outbox = wire.Outbox()
-    start = trio.current_time()
     outbox.later("view", lambda: None)  # nothing new by the time it goes
-    outbox.later("out", lambda: wire.message("out"), now=True)
-    assert ops(await outbox.next()) == ["out"]
-    assert trio.current_time() == start  # did not wait LATER
-    outbox.later("view", lambda: None)
     outbox.put(wire.message("run"))
     assert ops(await outbox.next()) == ["run"]
     outbox.later("view", lambda: None)
     with trio.move_on_after(1) as waited:
         await outbox.next()  # nothing to send: it waits on past LATER
     assert waited.cancelled_caught
+
+
+async def test_later_messages_keep_to_the_batch_size_and_their_order():
+    """Large later messages (held output) wait for the next batch like any other, and
+    go before what is queued or made later still: a run's output keeps its order."""
+    outbox = wire.Outbox()
+    half = b"x" * (wire.BATCH_BYTES // 2 + 1)
+    outbox.later("a", lambda: wire.pack({"op": "out", "n": 1}, [half]))
+    outbox.later("b", lambda: wire.pack({"op": "out", "n": 2}, [half]))
+    outbox.put(wire.message("result"))
+    assert ops(await outbox.next()) == ["out"]
+    outbox.later("a", lambda: wire.pack({"op": "out", "n": 3}, [b"after"]))
+    outbox.put(wire.message("next"))
+    got = [h.get("n", h["op"]) for h, _ in wire.messages(await outbox.next())]
+    assert got == [2, "result", 3, "next"]
 
 
 def test_a_batch_holds_messages_not_batches():

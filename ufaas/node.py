@@ -81,7 +81,7 @@ RECEIVE_BUFFER = 65536
 MAX_ID = 64  # characters of an id a front gives (a lease's, a request's, its own)
 # A run's output waits (wire.LATER at most) for more of it, or for its result, to go in
 # the same message: one message for a short function's output and its end, not two.
-OUTPUT_HOLD_BYTES = 256 * 1024  # output held past this goes at once
+OUTPUT_HOLD_BYTES = 256 * 1024  # a run holding more goes live: what it says, as it comes
 # How often stopped containers of this node (a removal that failed leaves one "dead") are
 # looked for and removed.
 SWEEP_EVERY = 5.0
@@ -138,6 +138,9 @@ class _Held:
     pool: Pool | None = None
     ran: bool = False  # its run is over: a release gives the container back at once
     reusable: bool = False  # its run ended so that the front counts its container idle
+    out: list[list[Any]] = field(default_factory=list)  # its output held: [fd, bytearray]
+    out_bytes: int = 0
+    live: bool = False  # its output goes as it comes (someone types to it, or it said much)
 
 
 class NodeServer:
@@ -315,9 +318,6 @@ class Session:
         self._numbered: dict[int, Pool] = {}
         self._numbers = itertools.count()
         self._nursery: trio.Nursery | None = None
-        # Output of runs that is held (see OUTPUT_HOLD_BYTES), by lease; its size.
-        self._held_out: dict[str, list[list[Any]]] = {}
-        self._held_bytes = 0
 
     def send(self, data: bytes) -> None:
         """Queue a message: the sender sends them in order, each within the deadline."""
@@ -359,26 +359,28 @@ class Session:
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 
-    def _hold_output(self, lid: str, fd: int, data: bytes) -> None:
-        """Keep output of run ``lid`` to go with its result or the next message sent
-        (within wire.LATER); at once when over OUTPUT_HOLD_BYTES is held."""
-        held = self._held_out.setdefault(lid, [])
-        if held and held[-1][0] == fd:
-            held[-1][1] += data
+    def _output(self, lid: str, held: _Held, fd: int, data: bytes) -> None:
+        """Output of ``held``'s run: held to go with its result or the next message sent
+        (within wire.LATER), or at once once its run is live."""
+        if held.live:
+            self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
+            return
+        if held.out and held.out[-1][0] == fd:
+            held.out[-1][1] += data
         else:
-            held.append([fd, bytearray(data)])
-        self._held_bytes += len(data)
-        self.outbox.later(("out", lid), partial(self._held_output, lid),
-                          now=self._held_bytes > OUTPUT_HOLD_BYTES)
+            held.out.append([fd, bytearray(data)])
+        held.out_bytes += len(data)
+        if held.out_bytes <= OUTPUT_HOLD_BYTES:
+            self.outbox.later(("out", lid), partial(self._held_output, lid, held))
+            return
+        held.live = True  # what it holds goes now, in order, and the rest as it comes
+        for fd, data in _taken(held):
+            self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
 
-    def _take_output(self, lid: str) -> list[list[Any]]:
-        held = self._held_out.pop(lid, [])
-        self._held_bytes -= sum(len(data) for _, data in held)
-        return held
-
-    def _held_output(self, lid: str) -> bytes | None:
-        held = self._take_output(lid)
-        return message("out", {"out": held}, lid=lid) if held else None
+    @staticmethod
+    def _held_output(lid: str, held: _Held) -> bytes | None:
+        out = _taken(held)
+        return message("out", {"out": out}, lid=lid) if out else None
 
     async def _beat_forever(self) -> None:
         while True:
@@ -600,19 +602,15 @@ class Session:
                 max_total=min(job.outputs.max_total, MAX_OUTPUT_FILES),
                 max_count=min(job.outputs.max_count, MAX_OUTPUT_COUNT))
 
-        def output(fd: int, data: bytes) -> None:
-            if held.stdin is not None:  # someone types to it: what it says goes at once
-                self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
-            else:
-                self._hold_output(lid, fd, data)
-
+        held.live = held.stdin is not None  # someone types to it: what it says goes live
         result: Result | None = None
         try:
             if not held.run_scope.cancel_called:  # else cancelled before it began
                 with held.run_scope:
-                    result = await lease.run(job, output, held.stdin)
+                    result = await lease.run(job, partial(self._output, lid, held),
+                                             held.stdin)
         finally:
-            out = self._take_output(lid)
+            out = _taken(held)
         if result is None:  # the front cancelled it: its processes are gone
             result = Result("cancelled")
         held.reusable = result.outcome in REUSABLE
@@ -682,6 +680,12 @@ def _rest(view: dict[str, Any]) -> tuple:
     stats = view["statistics"]
     return (tuple(v for k, v in view.items() if k not in ("statistics", "idle")),
             tuple(getattr(stats, name) for name in _NOT_COUNTERS))
+
+
+def _taken(held: _Held) -> list[list[Any]]:
+    """The output ``held`` holds, no longer held."""
+    out, held.out, held.out_bytes = held.out, [], 0
+    return out
 
 
 def _said(view: dict[str, Any]) -> tuple:

@@ -258,27 +258,26 @@ class Outbox:
         self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
         self._later: dict[Any, Callable[[], bytes | None]] = {}
         self._due = math.inf  # when the first later message must go
-        self._carried: bytes | None = None  # taken, but over what the last batch held
+        self._carried: list[bytes] = []  # taken, but over what the last batch held
         self._waiting = trio.CancelScope()
 
     def put(self, data: bytes) -> None:
         self._send.send_nowait(data)
 
-    def later(self, key: Any, make: Callable[[], bytes | None], *, now: bool = False
-              ) -> None:
-        """Queue ``make()`` to go with the next message; one per ``key`` (its last).
-        ``now``: it goes at once, with what else is queued, as if it had waited."""
+    def later(self, key: Any, make: Callable[[], bytes | None]) -> None:
+        """Queue ``make()`` to go with the next message; one per ``key`` (its last)."""
         self._later[key] = make
-        due = trio.current_time() + (0 if now else LATER)
-        if due < self._due:
-            self._due = self._waiting.deadline = due
+        if self._due == math.inf:
+            self._due = self._waiting.deadline = trio.current_time() + LATER
 
     async def next(self) -> bytes | None:
-        """The next WebSocket message to send; None once the outbox is closed."""
+        """The next WebSocket message to send; None once the outbox is closed. What an
+        earlier batch had no room for goes first, then the later messages, then what was
+        queued after them."""
         while True:
-            taken = [self._carried] if self._carried is not None else []
-            self._carried = None
-            if not taken:
+            carried, self._carried = self._carried, []
+            taken = []
+            if not carried:
                 with trio.CancelScope(deadline=self._due) as self._waiting:
                     try:
                         taken.append(await self._receive.receive())
@@ -286,17 +285,23 @@ class Outbox:
                         return None
             made = [make() for make in self._later.values()]
             self._later.clear()
-            batch = [data for data in made if data is not None]
             self._due = math.inf
-            batch += taken
-            size = sum(map(len, batch))
-            while size < BATCH_BYTES:
+            waiting = [*carried, *(data for data in made if data is not None), *taken]
+            batch: list[bytes] = []
+            size = 0
+            for i, data in enumerate(waiting):
+                if batch and size + len(data) > BATCH_BYTES:
+                    self._carried = waiting[i:]
+                    break
+                batch.append(data)
+                size += len(data)
+            while not self._carried and size < BATCH_BYTES:
                 try:
                     data = self._receive.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
                 if size + len(data) > BATCH_BYTES:
-                    self._carried = data
+                    self._carried = [data]
                     break
                 batch.append(data)
                 size += len(data)
