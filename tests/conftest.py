@@ -173,22 +173,25 @@ async def _serve_node(scope, node, *, task_status):
 
 
 @pytest.fixture
-async def start_node(nursery, test_labels, images):
+async def start_node(nursery, test_id, test_labels, images):
     """Starts a real ``ufaas node`` (its NodeServer) on 127.0.0.1 in the test's nursery, on
-    the local engine; returns its URL, and ``stop()``, which ends it as a crash would (its
-    connections drop, its containers go)."""
+    the local engine; returns its name, its URL, and ``stop()``, which ends it as a crash
+    would (its connections drop, its containers go). Its name is ``name`` and the test's
+    id: a node removes at start every container of its name on its engine, and those of
+    another test run on the same engine are not its own."""
     from ufaas.config import Config
     from ufaas.node import NodeServer
 
     async def start(name, *, token=NODE_TOKEN, speaks_as=None, port=0, **settings):
+        name = f"{name}-{test_id}"
         cluster = {"listen": "127.0.0.1", "node_port": port, "token": token, "name": name,
                    **NODE_BEATS, **settings.pop("cluster", {})}
         config = Config.load(None, environ={}, cluster=cluster, **settings)
         node = NodeServer(config, speaks_as=speaks_as, labels=test_labels)
         scope = trio.CancelScope()
         port = await nursery.start(_serve_node, scope, node)
-        return types.SimpleNamespace(url=f"ws://127.0.0.1:{port}", port=port, node=node,
-                                     stop=scope.cancel)
+        return types.SimpleNamespace(name=name, url=f"ws://127.0.0.1:{port}", port=port,
+                                     node=node, stop=scope.cancel)
 
     return start
 

@@ -84,16 +84,16 @@ async def test_a_function_runs_on_a_remote_node_as_it_would_here(start_node, fro
     node = await start_node("node-a")
     client = await start_server(front_config([node.url]))
     with trio.fail_after(90):
-        nodes = await wait_nodes(client, ["node-a"])
-        assert nodes["node-a"]["url"] == node.url and not nodes["node-a"]["local"]
-        assert nodes["node-a"]["capacity"]["max_containers"] == 32
-        await wait_warm(client, "node-a")
+        nodes = await wait_nodes(client, [node.name])
+        assert nodes[node.name]["url"] == node.url and not nodes[node.name]["local"]
+        assert nodes[node.name]["capacity"]["max_containers"] == 32
+        await wait_warm(client, node.name)
         ok = (await client.post("/fn?wait=30", json=python(
             "import sys; print(6 * 7); print('to err', file=sys.stderr)"))).json()
         assert (ok["status"], ok["stdout"], ok["stderr"], ok["node"]) == (
-            "succeeded", "42\n", "to err\n", "node-a"), ok
+            "succeeded", "42\n", "to err\n", node.name), ok
         failed = (await client.post("/fn?wait=30", json=python("raise SystemExit(3)"))).json()
-        assert (failed["status"], failed["exit_code"], failed["node"]) == ("failed", 3, "node-a")
+        assert (failed["status"], failed["exit_code"], failed["node"]) == ("failed", 3, node.name)
         slow = (await client.post("/fn?wait=30", json=python("import time; time.sleep(30)",
                                                             timeout=1))).json()
         assert slow["status"] == "timeout", slow
@@ -106,7 +106,7 @@ async def test_a_function_runs_on_a_remote_node_as_it_would_here(start_node, fro
         after = (await client.post(f"/fn/{first['id']}?wait=30&strict=true",
                                    json={"command": ["cat", "note.txt"]})).json()
         assert (after["locality"], after["stdout"], after["container"], after["node"]) == (
-            "hit", "kept\n", first["container"], "node-a"), after
+            "hit", "kept\n", first["container"], node.name), after
         # Output files are collected on the node and kept by the front.
         made = (await client.post("/fn?wait=30", json={
             "image": images.python, "command": "printf 'made there' > out.txt; : > none.txt",
@@ -114,8 +114,8 @@ async def test_a_function_runs_on_a_remote_node_as_it_would_here(start_node, fro
         assert [(f["path"], f["size"]) for f in made["files"]] == [
             ("none.txt", 0), ("out.txt", 10)], made
         got = await client.get(f"/fn/{made['id']}/files/out.txt")
-        assert got.content == b"made there" and made["node"] == "node-a"
-        pools = [p for p in (await client.get("/pools")).json() if p["node"] == "node-a"]
+        assert got.content == b"made there" and made["node"] == node.name
+        pools = [p for p in (await client.get("/pools")).json() if p["node"] == node.name]
         assert [p["image"] for p in pools] == [images.python] and pools[0]["mode"] == "agent"
         assert (await client.get("/healthz")).status_code == 200
 
@@ -126,7 +126,7 @@ async def test_live_output_stdin_and_cancel_through_a_node(start_node, front_con
     client = await start_server(front_config([node.url]))
     url = str(client.base_url)
     with trio.fail_after(90):
-        await wait_nodes(client, ["node-a"])
+        await wait_nodes(client, [node.name])
         out: list[str] = []
 
         async def chunks():
@@ -156,15 +156,15 @@ async def test_live_output_stdin_and_cancel_through_a_node(start_node, front_con
 
 
 async def two_warm_nodes(start_node, front_config, start_server, images):
-    """Nodes node-a and node-b, and a front using both, with a warm python container on
+    """Nodes a and b, and a front using both, with a warm python container on
     each (a pool of min_idle 1, max 1 per node): the nodes and the front's client."""
     a, b = await start_node("node-a"), await start_node("node-b")
     client = await start_server(front_config([a.url, b.url], pools=[PoolConfig(
         image=images.python, min_idle=1, max=1)]))
     with trio.fail_after(90):
-        await wait_nodes(client, ["node-a", "node-b"])
-        await wait_warm(client, "node-a")
-        await wait_warm(client, "node-b")
+        await wait_nodes(client, [a.name, b.name])
+        await wait_warm(client, a.name)
+        await wait_warm(client, b.name)
     return a, b, client
 
 
@@ -176,7 +176,7 @@ async def test_the_front_sees_a_nodes_pools_as_they_are_between_beats(
     node = await start_node("node-a", cluster=slow)
     client = await start_server(front_config([node.url], cluster=slow))
     with trio.fail_after(90):
-        await wait_nodes(client, ["node-a"])
+        await wait_nodes(client, [node.name])
         running = (await client.post("/fn", json=python("import time; time.sleep(2)"))).json()
         await wait_status(client, running["id"], ("running",))
         for _ in range(3):  # on the other container, while the first is busy
@@ -186,7 +186,7 @@ async def test_the_front_sees_a_nodes_pools_as_they_are_between_beats(
         [pool] = list(node.node._fronts.values())[0].pools
         while True:
             stats = pool.statistics()
-            [shown] = [p for p in (await client.get("/pools")).json() if p["node"] == "node-a"]
+            [shown] = [p for p in (await client.get("/pools")).json() if p["node"] == node.name]
             if (shown["warm"], shown["busy"], shown["total"]) == (
                     stats.idle, stats.busy, stats.total) and not stats.busy:
                 break
@@ -205,11 +205,11 @@ async def test_a_run_whose_chosen_container_went_waits_for_another(start_node, f
     client = await start_server(front_config([node.url], cluster=slow, pools=[PoolConfig(
         image=images.python, min_idle=1, max=1)]))
     with trio.fail_after(60):
-        await wait_nodes(client, ["node-a"])
+        await wait_nodes(client, [node.name])
         # Its release tells the front the container is idle (no beat will say otherwise).
         first = (await client.post("/fn?wait=30", json=python("print('first')"))).json()
         assert first["status"] == "succeeded", first
-        await wait_warm(client, "node-a")  # the front's view shows it idle again
+        await wait_warm(client, node.name)  # the front's view shows it idle again
         [pool] = list(node.node._fronts.values())[0].pools
         while not pool.statistics().idle:  # the release reaches the node within LATER
             await trio.sleep(0.01)
@@ -230,48 +230,48 @@ async def test_a_run_whose_chosen_container_went_waits_for_another(start_node, f
             taken.release()
         [done] = answers
         assert (done["status"], done["stdout"]) == ("succeeded", "ran\n"), done
-        assert done["container"] == taken.place.container[:12] and done["node"] == "node-a"
+        assert done["container"] == taken.place.container[:12] and done["node"] == node.name
 
 
 async def test_work_spreads_over_the_nodes(start_node, front_config, start_server, images):
-    a, _, client = await two_warm_nodes(start_node, front_config, start_server, images)
+    a, b, client = await two_warm_nodes(start_node, front_config, start_server, images)
     with trio.fail_after(120):
         ids = [(await client.post("/fn", json=python("import time; time.sleep(1)"))).json()["id"]
                for _ in range(4)]
         done = [(await client.get(f"/fn/{fid}?wait=60")).json() for fid in ids]
         assert [r["status"] for r in done] == ["succeeded"] * 4, done
         # Both idle containers were used at once; the two that waited went to either.
-        assert {done[0]["node"], done[1]["node"]} == {"node-a", "node-b"}, done
+        assert {done[0]["node"], done[1]["node"]} == {a.name, b.name}, done
 
 
 async def test_a_lost_node_ends_its_runs_and_its_queue_moves(start_node, front_config,
                                                               start_server, images):
-    a, _, client = await two_warm_nodes(start_node, front_config, start_server, images)
+    a, b, client = await two_warm_nodes(start_node, front_config, start_server, images)
     with trio.fail_after(150):
         long = [(await client.post("/fn", json=python("import time; time.sleep(120)"))).json()
                 for _ in range(2)]
         running = [await wait_status(client, f["id"], ("running",)) for f in long]
-        assert {r["node"] for r in running} == {"node-a", "node-b"}
+        assert {r["node"] for r in running} == {a.name, b.name}
         queued = [(await client.post("/fn", json=python("print('moved')"))).json()
                   for _ in range(2)]
-        on_a = next(r for r in running if r["node"] == "node-a")
+        on_a = next(r for r in running if r["node"] == a.name)
         a.stop()  # a crash: its connection drops, its containers go
         lost = (await client.get(f"/fn/{on_a['id']}?wait=30")).json()
-        assert lost["status"] == "error" and "node node-a lost" in lost["error"], lost
-        await wait_nodes(client, ["node-a"], state="lost")
-        on_b = next(r for r in running if r["node"] == "node-b")
+        assert lost["status"] == "error" and f"node {a.name} lost" in lost["error"], lost
+        await wait_nodes(client, [a.name], state="lost")
+        on_b = next(r for r in running if r["node"] == b.name)
         await client.delete(f"/fn/{on_b['id']}")
         moved = [(await client.get(f"/fn/{q['id']}?wait=30")).json() for q in queued]
         assert [(m["status"], m["stdout"], m["node"]) for m in moved] == [
-            ("succeeded", "moved\n", "node-b")] * 2, moved
+            ("succeeded", "moved\n", b.name)] * 2, moved
         # The node comes back where it was: the front finds it, and uses it again.
         await start_node("node-a", port=a.port)
-        await wait_nodes(client, ["node-a"])
-        await wait_warm(client, "node-a")
+        await wait_nodes(client, [a.name])
+        await wait_warm(client, a.name)
         blocker = (await client.post("/fn", json=python("import time; time.sleep(2)"))).json()
         second = (await client.post("/fn?wait=30", json=python("print(1)"))).json()
         first = (await client.get(f"/fn/{blocker['id']}?wait=30")).json()
-        assert {first["node"], second["node"]} == {"node-a", "node-b"}
+        assert {first["node"], second["node"]} == {a.name, b.name}
 
 
 async def test_a_wrong_token_is_refused_on_both_sides(start_node, front_config, start_server,
@@ -322,7 +322,8 @@ async def test_a_restarted_front_has_its_old_containers_removed(start_node, fron
     def containers(instance):
         # (listed, then inspected one by one: the ones being removed meanwhile are gone)
         return docker_client.containers.list(
-            filters={"label": [f"ufaas.instance={instance}-node-a", "ufaas.node=node-a"]},
+            filters={"label": [f"ufaas.instance={instance}-{node.name}",
+                               f"ufaas.node={node.name}"]},
             ignore_removed=True)
 
     with trio.fail_after(120):
@@ -338,7 +339,7 @@ async def test_a_restarted_front_has_its_old_containers_removed(start_node, fron
             while containers(f"{test_id}-one") or not containers(f"{test_id}-two"):
                 await trio.sleep(0.1)
             after = await ufaas.create(python("print('after')"), wait=30)
-            assert after["node"] == "node-a" and after["container"] != first["container"]
+            assert after["node"] == node.name and after["container"] != first["container"]
         stop.set()
 
 
@@ -353,7 +354,7 @@ async def test_a_peer_that_breaks_the_protocol_is_cut_off(start_node, front_conf
         async with open_websocket("127.0.0.1", node.port, "/", use_ssl=False,
                                   extra_headers=FRONT_HEADERS, max_message_size=1 << 24) as ws:
             hello, _ = wire.unpack(await ws.get_message())
-            assert hello["op"] == "hello" and hello["node"] == "node-a"
+            assert hello["op"] == "hello" and hello["node"] == node.name
             with trio.fail_after(10):
                 try:
                     await ws.send_message(send)
@@ -480,8 +481,8 @@ async def test_much_output_through_a_node_comes_whole_and_in_order(start_node, f
             "    os.write(1, text[k:k + 100000])\n"
             "    os.write(2, b'err %d\\n' % k)\n")
     with trio.fail_after(90):
-        await wait_nodes(client, ["node-a"])
-        await wait_warm(client, "node-a")
+        await wait_nodes(client, [node.name])
+        await wait_warm(client, node.name)
         done = (await client.post("/fn?wait=30", json=python(code))).json()
         assert done["status"] == "succeeded" and not done["truncated"], done["status"]
         text = "".join(f"{i}\n" for i in range(lines))
