@@ -440,7 +440,8 @@ async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, imag
             result, parts = await peer.until("result", "a1")
             fields = wire.fields_of(result, parts)  # a short run's output comes with its end
             assert fields["result"].outcome == "exited" and fields["out"] == [[1, b"hi\n"]]
-            await ws.send_message(wire.message("release", lid="a1", discard=False))
+            await ws.send_message(wire.message("release", lid="a1", discard=False,
+                                                 counted=True))
             await ws.send_message(run("a3", "no such pool", cid, ["echo", "no"]))
             assert (await peer.until("failed", "a3"))[0]["op"] == "failed"
             await ws.send_message(run("a4", number, cid, ["sh", "-c", "echo again; sleep 1"]))
@@ -448,17 +449,28 @@ async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, imag
             assert wire.fields_of(out, parts)["out"] == [[1, b"again\n"]], (out, parts)
             result, parts = await peer.until("result", "a4")
             assert wire.fields_of(result, parts)["out"] == []
-            await ws.send_message(wire.message("release", lid="a4", discard=False))
+            await ws.send_message(wire.message("release", lid="a4", discard=False,
+                                                 counted=True))
             # A cancel read right behind its run, before the run began there, still holds.
             await ws.send_message(wire.pack({"op": "many"}, [
                 run("a5", number, cid, ["sleep", "30"]), wire.message("cancel", lid="a5")]))
             result, parts = await peer.until("result", "a5")
             assert wire.fields_of(result, parts)["result"].outcome == "cancelled"
-            # Those releases left the pool as the front was last told, and as it counts
+            await ws.send_message(wire.message("release", lid="a5", discard=False,
+                                               counted=True))
+            await ws.send_message(run("a6", number, cid, ["true"]))  # idle again
+            await peer.until("result", "a6")
+            # Those releases left the pool as the front was last told, and as it counted
             # them itself (each container idle again): no view of the pool said so.
             assert "view" not in peer.ops, peer.ops
-            # One that leaves it otherwise does: here the container is gone.
-            await ws.send_message(wire.message("release", lid="a5", discard=True))
+            # A release the front did not count gets the pool's view, even unchanged.
+            await ws.send_message(wire.message("release", lid="a6", discard=False))
+            view, _ = await peer.until("view")
+            assert view["pool"] == number and view["idle"] == [cid], view
+            # One that leaves the pool otherwise does too: here the container is gone.
+            await ws.send_message(run("a7", number, cid, ["true"]))
+            await peer.until("result", "a7")
+            await ws.send_message(wire.message("release", lid="a7", discard=True))
             header, parts = await peer.until("view")  # in full: its containers changed
             view = wire.fields_of(header, parts)["pool"]
             assert view["number"] == number and cid not in view["containers"], view

@@ -219,6 +219,16 @@ async def test_later_messages_keep_to_the_batch_size_and_their_order():
     assert got == [2, "result", 3, "next"]
 
 
+async def test_a_nodes_later_messages_go_after_what_was_queued_before_them():
+    """A node's views say what is true after everything it queued: they go last, so the
+    front never reads older counters after newer ones."""
+    outbox = wire.Outbox(later_last=True)
+    outbox.put(wire.message("beat"))
+    outbox.put(wire.message("leased"))
+    outbox.later("pool", lambda: wire.message("view"))
+    assert ops(await outbox.next()) == ["beat", "leased", "view"]
+
+
 def test_a_batch_holds_messages_not_batches():
     inner = wire.pack({"op": "many"}, [wire.message("a"), wire.message("b")])
     assert ops(inner) == ["a", "b"]

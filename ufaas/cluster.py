@@ -55,7 +55,6 @@ from .store import iso
 from .wire import (
     FRONT_HEADER,
     PROTOCOL_HEADER,
-    REUSABLE,
     Credit,
     Inbox,
     Outbox,
@@ -653,21 +652,27 @@ class RemoteNode(Node):
         Outbox.later), and its container counts as idle here meanwhile, so that the next
         function may claim it (a claim goes behind the release). Should the node not keep
         it (it retired the container, or gave it to a lease waiting there), the claim is
-        refused and that function waits for another."""
+        refused and that function waits for another. The release says whether it was
+        counted so: when it was, and the node's pool is then as it last said, the node
+        sends no view of it."""
         if self._outbox is None or lease.epoch != self.epoch:
             return
+        counted = self._count_idle(lease)
         self._outbox.later(lease.lid, partial(message, "release", lid=lease.lid,
-                                              discard=lease.discard))
+                                              discard=lease.discard, counted=counted))
+
+    def _count_idle(self, lease: RemoteLease) -> bool:
         cid = lease.place.container
         if lease.discard or not lease.reusable:
-            return
+            return False
         for view in self._views.values():
             if cid in view.containers and cid not in view.idle:
                 view.idle.append(cid)  # the one the node gives next
                 view.stats = dataclasses.replace(view.stats, idle=view.stats.idle + 1,
                                                  busy=max(view.stats.busy - 1, 0))
                 self.cluster.changed()
-                return
+                return True
+        return False
 
     def _dispatch(self, header: dict[str, Any], parts: list[bytes]) -> None:
         op = header["op"]
@@ -923,6 +928,11 @@ def _raise_failed(node: str, header: dict[str, Any]) -> None:
 
 
 
+# The outcomes after which a node's pool keeps the container (a function killed at its
+# deadline or on a cancel leaves it to the next); after an error it is the node's to judge.
+REUSABLE = frozenset({"exited", "timeout", "cancelled"})
+
+
 class RemoteLease:
     """A container held on a remote node, as :class:`pool.Lease` is on this one."""
 
@@ -988,6 +998,8 @@ class RemoteLease:
                     nursery.start_soon(self._feed, stdin, run)
                 with trio.move_on_after(job.timeout + KILL_GRACE + node.timeout):
                     await run.done.wait()
+                if not run.done.is_set():  # given up on: it must not run on there
+                    node.send_quietly(message("cancel", lid=self.lid), self.epoch)
                 nursery.cancel_scope.cancel()
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(KILL_GRACE + node.timeout):

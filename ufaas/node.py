@@ -51,7 +51,6 @@ from .wire import (
     COUNTERS,
     FRONT_HEADER,
     PROTOCOL_HEADER,
-    REUSABLE,
     TOKEN_HEADER,
     Credit,
     Inbox,
@@ -137,7 +136,7 @@ class _Held:
     lease: Lease | None = None  # once it holds a container
     pool: Pool | None = None
     ran: bool = False  # its run is over: a release gives the container back at once
-    reusable: bool = False  # its run ended so that the front counts its container idle
+    counted: bool = False  # the front counted its container idle again on its release
     out: list[list[Any]] = field(default_factory=list)  # its output held: [fd, bytearray]
     out_bytes: int = 0
     live: bool = False  # its output goes as it comes (someone types to it, or it said much)
@@ -306,7 +305,7 @@ class Session:
         self.pools = pools
         self.peer = peer
         self.timeout = node.cluster.node_timeout
-        self.outbox = Outbox()
+        self.outbox = Outbox(later_last=True)  # views say what is true after the rest
         self._held: dict[str, _Held] = {}
         self._inboxes: dict[str, Inbox] = {}
         self._credits: dict[str, Credit] = {}
@@ -318,6 +317,8 @@ class Session:
         self._numbered: dict[int, Pool] = {}
         self._numbers = itertools.count()
         self._nursery: trio.Nursery | None = None
+        # Pools with a release since their last view that the front did not count itself.
+        self._uncounted: set[Pool] = set()
 
     def send(self, data: bytes) -> None:
         """Queue a message: the sender sends them in order, each within the deadline."""
@@ -417,10 +418,12 @@ class Session:
                                **plain)
         return message(op, {"pool": self._view(pool)}, **plain)
 
-    def _released(self, pool: Pool, counted: bool) -> bytes | None:
-        """The view of ``pool`` after a release; None when the front ``counted`` the
-        release itself (its container idle again: wire.REUSABLE) and the pool is now what
-        the front was last told, as it is after a claim and its run."""
+    def _released(self, pool: Pool) -> bytes | None:
+        """The view of ``pool`` after its releases; None when the front counted each of
+        them itself (its container idle again) and the pool is now what the front was
+        last told, as it is after a claim and its run."""
+        counted = pool not in self._uncounted
+        self._uncounted.discard(pool)
         shown, view = self._shown.get(pool), pool_view(pool)
         if (counted and shown is not None and _said(view) == shown[2]
                 and _rest(view) == shown[1]):
@@ -478,6 +481,7 @@ class Session:
         elif op == "release" and lid in self._held:
             held = self._held[lid]
             held.discard = bool(header.get("discard"))
+            held.counted = header.get("counted") is True and not held.discard
             held.released.set()
             held.asked.set()
             if held.run is None:
@@ -585,8 +589,9 @@ class Session:
         del self._held[lid]
         held.lease.discard = held.discard
         held.lease.release()
-        self.outbox.later(held.pool, partial(self._released, held.pool,
-                                             held.reusable and not held.discard))
+        if not held.counted:
+            self._uncounted.add(held.pool)
+        self.outbox.later(held.pool, partial(self._released, held.pool))
 
     async def _run(self, lid: str, held: _Held, lease: Lease) -> None:
         assert held.run is not None
@@ -613,7 +618,6 @@ class Session:
             out = _taken(held)
         if result is None:  # the front cancelled it: its processes are gone
             result = Result("cancelled")
-        held.reusable = result.outcome in REUSABLE
         result.place = None  # the front knows where it ran
         result.stdout = result.stderr = b""  # it has them from "out" messages and "out" here
         self.send(message("result", {"result": result, "out": out}, lid=lid))

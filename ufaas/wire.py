@@ -30,7 +30,8 @@ from . import __version__
 # 5: messages queued together go as one ("many", each a part); a release and the view of
 # a pool after one wait to go with the next message (Outbox.later). 6: output held for
 # a result goes the same way, several pieces in one "out" ("out": [[fd, bytes], ...]); a
-# pool's view after a release goes only when it differs from what the front was told.
+# pool's view after a release goes only when it differs from what the front was told,
+# a release saying whether the front counted its container idle again ("counted").
 PROTOCOL = 6
 _HEAD = struct.Struct(">I")
 # An Outbox's batch: most bytes of messages sent as one; how long a later one may wait.
@@ -62,12 +63,6 @@ FRONT_HEADER = "ufaas-front"
 # What changes with every lease and release of a pool: sent alone, in this order, when the
 # rest of its view (settings, containers, errors) is what the front was last told.
 COUNTERS = ("idle", "busy", "starting", "total", "waiting", "started")
-
-
-# The outcomes after which a node's pool keeps the container (a function killed at its
-# deadline or on a cancel leaves it to the next), as the front counts it idle again on
-# its release; after an error it is the node's to judge, and to say.
-REUSABLE = frozenset({"exited", "timeout", "cancelled"})
 
 
 class WireError(Exception):
@@ -251,10 +246,13 @@ class Outbox:
     A message made :meth:`later` (a release, a pool's new counters, output held in
     case its result follows: nobody waits for them) waits to go with the next one sent,
     or LATER seconds at most. It is made when it goes, so it says what is true then, or
-    nothing (None) when nothing is left to say.
+    nothing (None) when nothing is left to say. They go before what was queued
+    (``later_last`` False: a front's releases, ahead of the claims behind them) or after
+    it (True: a node's views, which say what is true after everything queued before).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, later_last: bool = False) -> None:
+        self._later_last = later_last
         self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
         self._later: dict[Any, Callable[[], bytes | None]] = {}
         self._due = math.inf  # when the first later message must go
@@ -272,21 +270,31 @@ class Outbox:
 
     async def next(self) -> bytes | None:
         """The next WebSocket message to send; None once the outbox is closed. What an
-        earlier batch had no room for goes first, then the later messages, then what was
-        queued after them."""
+        earlier batch had no room for goes first, then the later messages and what was
+        queued, in the order the outbox was made for."""
         while True:
-            carried, self._carried = self._carried, []
-            taken = []
-            if not carried:
+            waiting, self._carried = self._carried, []
+            taken = None
+            if not waiting:
                 with trio.CancelScope(deadline=self._due) as self._waiting:
                     try:
-                        taken.append(await self._receive.receive())
+                        taken = await self._receive.receive()
                     except trio.EndOfChannel:
                         return None
-            made = [make() for make in self._later.values()]
-            self._later.clear()
-            self._due = math.inf
-            waiting = [*carried, *(data for data in made if data is not None), *taken]
+            if not self._later_last:
+                waiting += self._made()
+            if taken is not None:
+                waiting.append(taken)
+            size = sum(map(len, waiting))
+            while size < BATCH_BYTES:
+                try:
+                    data = self._receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                waiting.append(data)
+                size += len(data)
+            if self._later_last:
+                waiting += self._made()
             batch: list[bytes] = []
             size = 0
             for i, data in enumerate(waiting):
@@ -295,18 +303,15 @@ class Outbox:
                     break
                 batch.append(data)
                 size += len(data)
-            while not self._carried and size < BATCH_BYTES:
-                try:
-                    data = self._receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                if size + len(data) > BATCH_BYTES:
-                    self._carried = [data]
-                    break
-                batch.append(data)
-                size += len(data)
             if batch:
                 return batch[0] if len(batch) == 1 else pack({"op": "many"}, batch)
+
+    def _made(self) -> list[bytes]:
+        """The later messages, made now (those with something to say)."""
+        made = [make() for make in self._later.values()]
+        self._later.clear()
+        self._due = math.inf
+        return [data for data in made if data is not None]
 
     def close(self) -> None:
         self._send.close()
