@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import subprocess
 
@@ -374,7 +375,19 @@ async def test_a_peer_that_breaks_the_protocol_is_cut_off(start_node, front_conf
         await session(wire.message("exploit"))
         await session(wire.message("lease", {"profile": "not one"}, lid="l2",
                                    image="x", sizes={}, timeout=1))
+        # Numbers JSON allows that no front makes: NaN would pass "timeout < 0", and lift
+        # an output cap (min(nan, cap) is nan); a field of another type.
+        await session(wire.message("lease", {"profile": profile, "near": None}, lid="l3",
+                                   image="ufaas-test/python", configured=False,
+                                   sizes={"max": 1}, strict=False, timeout=math.nan))
+        for bad in ({"output_cap": math.nan}, {"timeout": "soon"}):
+            await session(wire.message("run", {"job": Job(["true"], **bad)}, lid="l4",
+                                       live=False, pool=0, container="c" * 12,
+                                       workdir="0" * 32))
     said = [r.getMessage() for r in caplog.records if r.name == "ufaas.node"]
+    assert any("broke the protocol: a lease without a timeout" in m for m in said), said
+    assert any("broke the protocol: a job whose output_cap cannot be" in m for m in said)
+    assert any("broke the protocol: a job whose timeout cannot be" in m for m in said)
     assert any("broke the protocol: an unknown or malformed 'exploit'" in m for m in said)
     assert any("broke the protocol: a pool without an image" in m for m in said), said
 

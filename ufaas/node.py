@@ -15,10 +15,11 @@ import dataclasses
 import hmac
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeGuard
 
 import trio
 from trio_websocket import (
@@ -32,11 +33,13 @@ from trio_websocket import (
 from pool import (
     Engine,
     EngineError,
+    File,
     ImageMissing,
     Job,
     Lease,
     LeaseTimeout,
     MiB,
+    Outputs,
     Place,
     Pool,
     PoolError,
@@ -126,7 +129,7 @@ class _Held:
     """A lease a front asked for: waiting for a container, then held until released."""
 
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    run: tuple[dict[str, Any], list[bytes]] | None = None
+    run: Job | None = None  # its job, once its run came
     asked: trio.Event = field(default_factory=trio.Event)  # run or release came
     released: trio.Event = field(default_factory=trio.Event)
     discard: bool = False
@@ -451,19 +454,20 @@ class Session:
         assert self._nursery is not None
         if op == "beat":
             return
+        job = _job(header, parts) if op == "run" else None  # checked before anything
         if op == "run" and lid and lid not in self._held and "container" in header:
             self._claim(lid, header)  # the container it runs in, chosen by the front
         if op == "lease" and lid and lid not in self._held:
             fields = _pool_fields(header, parts)
             timeout = header.get("timeout")
-            if (not isinstance(timeout, int | float) or timeout < 0
+            if (not _number(timeout) or timeout < 0
                     or not isinstance(fields.get("near"), Place | None)):
                 raise WireError("a lease without a timeout, or near no place")
             self._held[lid] = held = _Held()
             self._nursery.start_soon(self._lease, lid, held, fields, header)
         elif op == "run" and lid in self._held and self._held[lid].run is None:
             held = self._held[lid]
-            held.run = (header, parts)
+            held.run = job
             if header.get("live"):
                 # Made here, not when the run starts: the stdin that follows the run
                 # message may arrive before the lease's task wakes up to start it.
@@ -594,11 +598,8 @@ class Session:
         self.outbox.later(held.pool, partial(self._released, held.pool))
 
     async def _run(self, lid: str, held: _Held, lease: Lease) -> None:
-        assert held.run is not None
-        header, parts = held.run
-        job = fields_of(header, parts).get("job")
-        if not isinstance(job, Job):
-            raise WireError("a run without a job")
+        job = held.run
+        assert job is not None
         job.output_cap = min(job.output_cap, MAX_OUTPUT_CAP)
         if job.outputs is not None:
             # Collected here into the result (no on_file): their bytes travel in it.
@@ -684,6 +685,48 @@ def _rest(view: dict[str, Any]) -> tuple:
     stats = view["statistics"]
     return (tuple(v for k, v in view.items() if k not in ("statistics", "idle")),
             tuple(getattr(stats, name) for name in _NOT_COUNTERS))
+
+
+def _number(value: object, *, finite: bool = False) -> TypeGuard[float]:
+    """A JSON number, not NaN (nor infinite, when ``finite``), nor a bool."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and not math.isnan(value) and (not finite or math.isfinite(value)))
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _job(header: dict[str, Any], parts: list[bytes]) -> Job:
+    """The job of a run message, or WireError: each field of the type the pool expects
+    (it was made by a front from a checked spec; anything else is a broken peer)."""
+    job = fields_of(header, parts).get("job")
+    if not isinstance(job, Job):
+        raise WireError("a run without a job")
+    outputs = job.outputs
+    problems = [name for name, ok in (
+        ("argv", isinstance(job.argv, list) and all(isinstance(a, str) for a in job.argv)),
+        ("files", isinstance(job.files, list) and all(
+            isinstance(f, File) and isinstance(f.path, str) and isinstance(f.data, bytes)
+            and _count(f.mode) for f in job.files)),
+        ("env", isinstance(job.env, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in job.env.items())),
+        ("stdin", job.stdin is None or isinstance(job.stdin, bytes)),
+        ("timeout", _number(job.timeout, finite=True) and job.timeout > 0),
+        ("output_cap", _count(job.output_cap)),
+        ("id", isinstance(job.id, str)),
+        ("fresh", isinstance(job.fresh, bool)),
+        ("cpu_limit", job.cpu_limit is None or _count(job.cpu_limit)),
+        ("memory_limit", job.memory_limit is None or _count(job.memory_limit)),
+        ("outputs", outputs is None or (
+            isinstance(outputs, Outputs) and isinstance(outputs.patterns, tuple)
+            and all(isinstance(p, str) for p in outputs.patterns)
+            and all(_count(n) for n in (outputs.max_file, outputs.max_total,
+                                        outputs.max_count)))),
+    ) if not ok]
+    if problems:
+        raise WireError(f"a job whose {', '.join(problems)} cannot be")
+    return job
 
 
 def _taken(held: _Held) -> list[list[Any]]:
