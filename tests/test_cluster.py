@@ -489,6 +489,37 @@ async def test_a_claim_takes_an_idle_container_at_once_or_fails(start_node, imag
             assert view["number"] == number and cid not in view["containers"], view
 
 
+async def test_an_image_stream_the_front_gives_up_on_ends_on_the_node(start_node, images):
+    """A front that gives up on an image it streams, either way, says so (image_cancel),
+    even right behind the request: the node stops, sends nothing more of it, and holds
+    nothing for it (its id may be used again)."""
+    node = await start_node("node-a")
+    with trio.fail_after(60):
+        async with open_websocket("127.0.0.1", node.port, "/", use_ssl=False,
+                                  extra_headers=FRONT_HEADERS, max_message_size=1 << 24) as ws:
+            await ws.get_message()  # hello
+            await ws.send_message(wire.pack({"op": "many"}, [
+                wire.message("image_export", rid="e1", image=images.busybox),
+                wire.message("image_cancel", rid="e1")]))
+            heard = []
+            with trio.move_on_after(1):
+                while True:
+                    heard += [h for h, _ in wire.messages(await ws.get_message())
+                              if h.get("rid") == "e1"]
+            assert heard == [], heard  # not one chunk of it
+            for _ in range(2):  # the second import of i1 is refused if the first holds on
+                await ws.send_message(wire.pack({"op": "many"}, [
+                    wire.message("image_import", rid="i1", image="ufaas-test/never"),
+                    wire.pack({"op": "chunk", "rid": "i1"}, [b"not all of a tar"]),
+                    wire.message("image_cancel", rid="i1")]))
+                await ws.send_message(wire.message("image_has", rid="h1",
+                                                   image=images.busybox))
+                while not any(h["op"] == "image" and h.get("rid") == "h1"
+                              for h, _ in wire.messages(await ws.get_message())):
+                    pass
+                await trio.sleep(0.2)
+
+
 async def test_much_output_through_a_node_comes_whole_and_in_order(start_node, front_config,
                                                                   start_server):
     """A node holds a run's output to send it with the result, up to OUTPUT_HOLD_BYTES;

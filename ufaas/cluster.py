@@ -884,7 +884,7 @@ class RemoteNode(Node):
             self.send_quietly(message("image_cancel", rid=rid), epoch)
 
     async def import_image(self, image: str, chunks: trio.abc.ReceiveChannel[bytes]) -> None:
-        rid = uuid.uuid4().hex
+        rid, epoch = uuid.uuid4().hex, self.epoch
         credit = self._credits[rid] = Credit(IMAGE_WINDOW)
         request = self._requests[rid] = _Request()
         try:
@@ -896,6 +896,8 @@ class RemoteNode(Node):
             await request.done.wait()  # the caller's deadline: image_timeout
         finally:
             del self._credits[rid], self._requests[rid]
+            if not request.done.is_set():  # given up on: the node stops loading it
+                self.send_quietly(message("image_cancel", rid=rid), epoch)
         if request.error is not None:
             raise NodeLost(request.error)
         assert request.reply is not None

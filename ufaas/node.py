@@ -312,7 +312,7 @@ class Session:
         self._held: dict[str, _Held] = {}
         self._inboxes: dict[str, Inbox] = {}
         self._credits: dict[str, Credit] = {}
-        self._exports: dict[str, trio.CancelScope] = {}
+        self._streams: dict[str, trio.CancelScope] = {}  # image exports and imports
         # Each pool's number in this session, the rest of its view (all but its counters
         # and idle containers) as the front was last told it, and those counters and
         # containers as it was last told them.
@@ -504,8 +504,8 @@ class Session:
             self._inboxes[header["rid"]].end()
         elif op == "ack" and _short(header.get("rid")) in self._credits:
             self._credits[header["rid"]].give(header.get("bytes"))
-        elif op == "image_cancel" and _short(header.get("rid")) in self._exports:
-            self._exports[header["rid"]].cancel()
+        elif op == "image_cancel" and _short(header.get("rid")) in self._streams:
+            self._streams[header["rid"]].cancel()
         elif op in ("run", "stdin", "cancel", "release", "chunk", "image_end", "ack",
                     "image_cancel"):
             pass  # about something that has just ended here: nothing to do
@@ -629,9 +629,11 @@ class Session:
         rid, image = _short(header.get("rid")), header.get("image")
         if not rid or not isinstance(image, str) or not image:
             raise WireError(f"an {op} without its id or image")
-        if rid in self._credits or rid in self._inboxes:
+        if rid in self._credits or rid in self._inboxes or rid in self._streams:
             raise WireError(f"an {op} with the id of another one")
         assert self._nursery is not None
+        if op != "image_has":  # made now: a cancel may come before its task starts
+            self._streams[rid] = trio.CancelScope()
         if op == "image_has":
             self._nursery.start_soon(self._image_has, rid, image)
         elif op == "image_export":
@@ -653,7 +655,7 @@ class Session:
         credit = self._credits[rid]
         size = 0
         try:
-            with trio.CancelScope() as self._exports[rid]:
+            with self._streams[rid]:
                 async for chunk in self.node.engine.export_image(image):
                     await credit.take(len(chunk))
                     self.send(pack({"op": "chunk", "rid": rid}, [chunk]))
@@ -664,19 +666,20 @@ class Session:
                 log.warning("export of %s failed: %s: %s", image, type(exc).__name__, exc)
             self.send(message("failed", rid=rid, error=f"cannot export {image}: {exc}"))
         finally:
-            del self._credits[rid], self._exports[rid]
+            del self._credits[rid], self._streams[rid]
 
     async def _image_import(self, rid: str, image: str) -> None:
         inbox = self._inboxes[rid]
         try:
-            said = await self.node.engine.import_image(inbox)
-            found = await self.node.engine.image_id(image, pull=False)
-            log.info("image %s loaded (%s)", image, "; ".join(said)[:200])
-            self.send(message("imported", rid=rid, id=found))
+            with self._streams[rid]:  # the front may give up on it (image_cancel)
+                said = await self.node.engine.import_image(inbox)
+                found = await self.node.engine.image_id(image, pull=False)
+                log.info("image %s loaded (%s)", image, "; ".join(said)[:200])
+                self.send(message("imported", rid=rid, id=found))
         except EngineError as exc:
             self.send(message("failed", rid=rid, error=f"cannot load {image}: {exc}"))
         finally:
-            del self._inboxes[rid]
+            del self._inboxes[rid], self._streams[rid]
             await inbox.aclose()
 
 
