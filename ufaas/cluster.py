@@ -928,8 +928,6 @@ def _raise_failed(node: str, header: dict[str, Any]) -> None:
     raise PoolError(error)
 
 
-
-
 # The outcomes after which a node's pool keeps the container (a function killed at its
 # deadline or on a cancel leaves it to the next); after an error it is the node's to judge.
 REUSABLE = frozenset({"exited", "timeout", "cancelled"})

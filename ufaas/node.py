@@ -144,6 +144,11 @@ class _Held:
     out_bytes: int = 0
     live: bool = False  # its output goes as it comes (someone types to it, or it said much)
 
+    def take_out(self) -> list[list[Any]]:
+        """The output it holds, no longer held."""
+        out, self.out, self.out_bytes = self.out, [], 0
+        return out
+
 
 class NodeServer:
     """Serves this engine's pools to fronts. Run with ``await nursery.start(node.serve)``,
@@ -367,7 +372,7 @@ class Session:
         """Output of ``held``'s run: held to go with its result or the next message sent
         (within wire.LATER), or at once once its run is live."""
         if held.live:
-            self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
+            self._send_out(lid, fd, data)
             return
         if held.out and held.out[-1][0] == fd:
             held.out[-1][1] += data
@@ -378,12 +383,15 @@ class Session:
             self.outbox.later(("out", lid), partial(self._held_output, lid, held))
             return
         held.live = True  # what it holds goes now, in order, and the rest as it comes
-        for fd, data in _taken(held):
-            self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
+        for fd, data in held.take_out():
+            self._send_out(lid, fd, data)
+
+    def _send_out(self, lid: str, fd: int, data: bytes) -> None:
+        self.send(pack({"op": "out", "lid": lid, "fd": fd}, [data]))
 
     @staticmethod
     def _held_output(lid: str, held: _Held) -> bytes | None:
-        out = _taken(held)
+        out = held.take_out()
         return message("out", {"out": out}, lid=lid) if out else None
 
     async def _beat_forever(self) -> None:
@@ -616,7 +624,7 @@ class Session:
                     result = await lease.run(job, partial(self._output, lid, held),
                                              held.stdin)
         finally:
-            out = _taken(held)
+            out = held.take_out()
         if result is None:  # the front cancelled it: its processes are gone
             result = Result("cancelled")
         result.place = None  # the front knows where it ran
@@ -730,12 +738,6 @@ def _job(header: dict[str, Any], parts: list[bytes]) -> Job:
     if problems:
         raise WireError(f"a job whose {', '.join(problems)} cannot be")
     return job
-
-
-def _taken(held: _Held) -> list[list[Any]]:
-    """The output ``held`` holds, no longer held."""
-    out, held.out, held.out_bytes = held.out, [], 0
-    return out
 
 
 def _said(view: dict[str, Any]) -> tuple:
