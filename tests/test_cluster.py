@@ -4,6 +4,7 @@ whole machines, images streamed between engines, the Swarm) is in test_lab.py.""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -518,6 +519,69 @@ async def test_an_image_stream_the_front_gives_up_on_ends_on_the_node(start_node
                               for h, _ in wire.messages(await ws.get_message())):
                     pass
                 await trio.sleep(0.2)
+
+
+async def test_a_front_that_gives_up_on_an_image_stream_tells_the_node(front_config,
+                                                                      nursery):
+    """The front's side of image_cancel: an import it stops waiting for, and an export it
+    stops reading, each end with an image_cancel of that stream, so that the node stops
+    loading or saving it (the node's side is the test above)."""
+    from ufaas.cluster import Cluster
+
+    heard: list[tuple[str, str | None]] = []  # what the node was sent, but beats
+
+    async def fake_node(request):
+        ws = await request.accept()
+        await ws.send_message(wire.message("hello", node="fake", speaks=wire.speaks(),
+                                           max_containers=4))
+        async with trio.open_nursery() as beats:
+            async def beat():
+                while True:
+                    await ws.send_message(wire.message("beat", {"pools": []}, engine=True))
+                    await trio.sleep(0.2)
+            beats.start_soon(beat)
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    for header, _ in wire.messages(await ws.get_message()):
+                        if header["op"] == "beat":
+                            continue
+                        heard.append((header["op"], header.get("rid")))
+                        if header["op"] == "image_export":  # a first chunk, then nothing
+                            await ws.send_message(wire.pack(
+                                {"op": "chunk", "rid": header["rid"]}, [b"x" * 1000]))
+            beats.cancel_scope.cancel()
+
+    server = await nursery.start(serve_websocket, fake_node, "127.0.0.1", 0, None)
+    config = front_config([f"ws://127.0.0.1:{server.port}"], pools=[])
+    cluster = await nursery.start(Cluster(config, None, home="h0me", instance="i0").serve)
+
+    with trio.fail_after(30):
+        while not any(n.ready for n in cluster.remote_nodes()):
+            await trio.sleep(0.05)
+        node = next(cluster.remote_nodes())
+
+        send, receive = trio.open_memory_channel[bytes](1)
+        await send.send(b"part of a tar")  # and no more: the import waits for the rest
+        with trio.move_on_after(0.5) as gave_up:
+            await node.import_image("ufaas-test/never", receive)
+        assert gave_up.cancelled_caught
+        imports = [rid for op, rid in heard if op == "image_import"]
+        assert len(imports) == 1
+        while ("image_cancel", imports[0]) not in heard:
+            await trio.sleep(0.02)
+        assert [op for op, rid in heard if rid == imports[0]] == [
+            "image_import", "chunk", "image_cancel"]
+
+        chunks = node.export_image("ufaas-test/python")
+        assert await chunks.__anext__() == b"x" * 1000
+        await chunks.aclose()  # read one chunk, and stopped
+        exports = [rid for op, rid in heard if op == "image_export"]
+        assert len(exports) == 1
+        while ("image_cancel", exports[0]) not in heard:
+            await trio.sleep(0.02)
+        # The chunk read is acknowledged before the stream is given up on.
+        assert [op for op, rid in heard if rid == exports[0]] == [
+            "image_export", "ack", "image_cancel"]
 
 
 async def test_much_output_through_a_node_comes_whole_and_in_order(start_node, front_config,
