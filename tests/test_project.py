@@ -67,6 +67,20 @@ def test_pool_imports_nothing_of_the_service():
     assert not {name.split(".")[0] for name in loaded} & FORBIDDEN_IN_POOL
 
 
+def test_the_server_loads_no_command_line_client_of_httpx():
+    """httpx imports its command line client (rich, pygments) when they are installed, as
+    they are here (schemathesis brings them): the server leaves it out, and httpx works."""
+    import importlib.util
+
+    assert importlib.util.find_spec("rich") is not None  # else this proves nothing
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, ufaas.server, httpx; httpx.URL('http://x/');"
+         "print(' '.join(sorted(sys.modules)))"],
+        capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+    assert "httpx" in loaded
+    assert not {name.split(".")[0] for name in loaded} & {"rich", "pygments"}
+
+
 def test_the_agent_stands_alone():
     """The agent travels into containers as source text: the standard library only."""
     stdlib = sys.stdlib_module_names
