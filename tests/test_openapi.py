@@ -128,6 +128,10 @@ def fuzzed_server(docker_client, images, tmp_path_factory, module_labels):
         yield server.url
 
 
+# Headers of the HTTP layer's framing, which the fuzzer may make up (see below).
+FRAMING = {"transfer-encoding", "content-length"}
+
+
 def test_schemathesis_finds_nothing(fuzzed_server, images):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     schema = schemathesis.openapi.from_url(f"{fuzzed_server}/openapi.json", headers=auth)
@@ -169,6 +173,11 @@ def test_schemathesis_finds_nothing(fuzzed_server, images):
                           suppress_health_check=list(HealthCheck))
                 @given(case=strategy)
                 def fuzz(case):
+                    # How a body is framed belongs to HTTP itself: a made-up
+                    # Transfer-Encoding gets hypercorn's 501 (as RFC 9112 says) before
+                    # any of ufaas sees the request.
+                    for name in [n for n in case.headers or {} if n.lower() in FRAMING]:
+                        del case.headers[name]
                     response = case.call_and_validate(headers=auth, checks=CHECKS)
                     answers.setdefault(case.operation.label, set()).add(response.status_code)
 
