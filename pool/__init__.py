@@ -5,7 +5,14 @@ Knows nothing of HTTP: a caller leases a container from a :class:`Pool`, runs on
 """
 
 from ._agent import output_matches  # the agent's matcher; the exec path's too
-from ._docker import DEFAULT_CALL_TIMEOUT, ContainerInfo, Engine, EngineError, ImageMissing
+from ._docker import (
+    DEFAULT_CALL_TIMEOUT,
+    ContainerInfo,
+    Engine,
+    EngineError,
+    EngineTimeout,
+    ImageMissing,
+)
 from ._pool import (
     DEFAULT_IDLE_TTL,
     DEFAULT_MAX,
@@ -42,7 +49,8 @@ __all__ = [
     "DEFAULT_CALL_TIMEOUT", "DEFAULT_IDLE_TTL", "DEFAULT_MAX", "DEFAULT_MAX_CONTAINERS",
     "DEFAULT_MIN_IDLE",
     "DEFAULT_OUTPUT_CAP", "WORKDIR_ROOT", "BadFile", "Container", "ContainerInfo", "Engine",
-    "EngineError", "File", "ImageMissing", "Job", "Lease", "LeaseTimeout", "MiB", "OnFile",
+    "EngineError", "EngineTimeout", "File", "ImageMissing", "Job", "Lease", "LeaseTimeout",
+    "MiB", "OnFile",
     "Output", "OutputFile", "Outputs", "Place", "Pool", "PoolClosed", "PoolError",
     "PoolStatistics", "Pools", "Profile", "Result", "check_files", "check_path",
     "check_pattern", "check_tree", "output_matches",

@@ -7,6 +7,7 @@ no thread and no byte is lost to an HTTP client's read-ahead buffer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -41,6 +42,22 @@ REMOVE_RETRY = 0.25
 
 class EngineError(Exception):
     """The Docker engine refused or failed a request, or did not answer in time."""
+
+
+class EngineTimeout(EngineError, trio.TooSlowError):
+    """The engine did not answer within a call's deadline. An EngineError, as every other
+    failure of the engine is; a TooSlowError too, as a deadline's end is in trio."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, what: str) -> Iterator[None]:
+    """``trio.fail_after(seconds)`` for a request to the engine: EngineTimeout if it ends."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise EngineTimeout(f"the Docker engine did not answer {what} within "
+                            f"{seconds:g} s") from None
 
 
 class ImageMissing(EngineError):
@@ -115,7 +132,7 @@ class Engine:
                    **kwargs: Any) -> T:
         """Run a blocking SDK call in a worker thread, with a deadline."""
         self._calls += 1
-        with trio.fail_after(timeout or self.call_timeout):
+        with _deadline(timeout or self.call_timeout, getattr(fn, "__name__", "a call")):
             try:
                 return await trio.to_thread.run_sync(
                     functools.partial(fn, *args, **kwargs),
@@ -370,7 +387,7 @@ class Engine:
         """An HTTP request upgraded to a raw stream, done on a trio socket we own."""
         await self.api()
         self._calls += 1
-        with trio.fail_after(timeout or self.call_timeout):
+        with _deadline(timeout or self.call_timeout, path.split("?")[0]):
             stream = await self._connect()
             try:
                 request = (

@@ -510,3 +510,25 @@ async def test_interactive_stdin(engine, image, test_id, test_labels):
             (result,) = results
     assert result.outcome == "exited" and result.exit_code == 0, result
     assert seen == b"ready\ngot:first\ngot:one\ngot:two\neof\n"
+
+
+async def test_an_engine_that_does_not_answer_in_time_fails_as_an_engine_error(images):
+    """A call past its deadline is an EngineError (EngineTimeout), as every other failure
+    of the engine is, so that whoever handles those handles it too; a pool that cannot
+    learn its image in time fails to start with a PoolError, not a bare TooSlowError."""
+    from pool import Engine, EngineError, EngineTimeout, PoolError, Pools
+
+    engine = Engine()
+    try:
+        with pytest.raises(EngineTimeout, match="within 0.05 s") as caught:
+            await engine.call(time.sleep, 1, timeout=0.05)
+        assert isinstance(caught.value, EngineError)
+        assert isinstance(caught.value, trio.TooSlowError)  # as a deadline's end is
+        await engine.api()  # connected: the next calls reach the engine, slowly
+        engine.call_timeout = 1e-6  # no answer comes that fast
+        pools = Pools(engine, home="timeout-test")
+        with pytest.raises(PoolError, match="did not answer"):
+            await pools.add(images.busybox)
+    finally:
+        with trio.CancelScope(shield=True):
+            await engine.aclose()
