@@ -521,67 +521,158 @@ async def test_an_image_stream_the_front_gives_up_on_ends_on_the_node(start_node
                 await trio.sleep(0.2)
 
 
-async def test_a_front_that_gives_up_on_an_image_stream_tells_the_node(front_config,
-                                                                      nursery):
-    """The front's side of image_cancel: an import it stops waiting for, and an export it
-    stops reading, each end with an image_cancel of that stream, so that the node stops
-    loading or saving it (the node's side is the test above)."""
-    from ufaas.cluster import Cluster
+class FakeNode:
+    """A node as a front sees one, played by the test: it greets, beats every 0.2 s with
+    no pools, records what it is sent but beats (op and id), and answers each message as
+    ``answer(ws, header)`` says. ``reading`` False: it reads nothing after the hello."""
 
-    heard: list[tuple[str, str | None]] = []  # what the node was sent, but beats
+    def __init__(self, answer=None, *, reading=True) -> None:
+        self.heard: list[tuple[str, str | None]] = []
+        self.answer = answer
+        self.reading = reading
 
-    async def fake_node(request):
+    async def handle(self, request) -> None:
         ws = await request.accept()
         await ws.send_message(wire.message("hello", node="fake", speaks=wire.speaks(),
                                            max_containers=4))
         async with trio.open_nursery() as beats:
             async def beat():
-                while True:
-                    await ws.send_message(wire.message("beat", {"pools": []}, engine=True))
-                    await trio.sleep(0.2)
+                with contextlib.suppress(ConnectionClosed):
+                    while True:
+                        await ws.send_message(wire.message("beat", {"pools": []},
+                                                           engine=True))
+                        await trio.sleep(0.2)
+                beats.cancel_scope.cancel()  # the front is gone
             beats.start_soon(beat)
             with contextlib.suppress(ConnectionClosed):
-                while True:
+                while self.reading:
                     for header, _ in wire.messages(await ws.get_message()):
-                        if header["op"] == "beat":
-                            continue
-                        heard.append((header["op"], header.get("rid")))
-                        if header["op"] == "image_export":  # a first chunk, then nothing
-                            await ws.send_message(wire.pack(
-                                {"op": "chunk", "rid": header["rid"]}, [b"x" * 1000]))
+                        if header["op"] != "beat":
+                            self.heard.append((header["op"], header.get("rid")))
+                            if self.answer is not None:
+                                await self.answer(ws, header)
+                await trio.sleep_forever()
             beats.cancel_scope.cancel()
 
-    server = await nursery.start(serve_websocket, fake_node, "127.0.0.1", 0, None)
-    config = front_config([f"ws://127.0.0.1:{server.port}"], pools=[])
-    cluster = await nursery.start(Cluster(config, None, home="h0me", instance="i0").serve)
+    async def start(self, nursery, front_config, **settings):
+        """Serve it, and a front's Cluster connected to it: the front's RemoteNode."""
+        from ufaas.cluster import Cluster
 
-    with trio.fail_after(30):
-        while not any(n.ready for n in cluster.remote_nodes()):
+        server = await nursery.start(functools.partial(
+            serve_websocket, self.handle, "127.0.0.1", 0, None, max_message_size=1 << 26))
+        config = front_config([f"ws://127.0.0.1:{server.port}"], pools=[], **settings)
+        cluster = await nursery.start(Cluster(config, None, home="h0me", instance="i0").serve)
+        with trio.fail_after(30):
+            while not any(n.ready for n in cluster.remote_nodes()):
+                await trio.sleep(0.05)
+        return next(cluster.remote_nodes())
+
+    async def told(self, op, rid):
+        with trio.fail_after(10):
+            while (op, rid) not in self.heard:
+                await trio.sleep(0.02)
+
+    def about(self, rid):
+        return [op for op, r in self.heard if r == rid]
+
+
+async def test_a_front_that_gives_up_on_an_image_stream_tells_the_node(front_config,
+                                                                      nursery):
+    """The front's side of image_cancel: an import it stops waiting for, and an export it
+    stops reading, each end with an image_cancel of that stream, so that the node stops
+    loading or saving it (the node's side is the test above)."""
+    async def answer(ws, header):
+        if header["op"] == "image_export":  # a first chunk, then nothing
+            await ws.send_message(wire.pack({"op": "chunk", "rid": header["rid"]},
+                                            [b"x" * 1000]))
+
+    fake = FakeNode(answer)
+    node = await fake.start(nursery, front_config)
+    send, receive = trio.open_memory_channel[bytes](1)
+    await send.send(b"part of a tar")  # and no more: the import waits for the rest
+    with trio.move_on_after(0.5) as gave_up:
+        await node.import_image("ufaas-test/never", receive)
+    assert gave_up.cancelled_caught
+    (rid,) = [rid for op, rid in fake.heard if op == "image_import"]
+    await fake.told("image_cancel", rid)
+    assert fake.about(rid) == ["image_import", "chunk", "image_cancel"]
+
+    chunks = node.export_image("ufaas-test/python")
+    assert await chunks.__anext__() == b"x" * 1000
+    await chunks.aclose()  # read one chunk, and stopped
+    (rid,) = [rid for op, rid in fake.heard if op == "image_export"]
+    await fake.told("image_cancel", rid)
+    # The chunk read is acknowledged before the stream is given up on.
+    assert fake.about(rid) == ["image_export", "ack", "image_cancel"]
+
+
+async def test_an_import_the_node_fails_ends_at_once(front_config, nursery):
+    """A node that cannot load an image says so, and acknowledges nothing more: the front
+    stops sending it and fails the import then, not at image_timeout."""
+    from pool import PoolError
+
+    async def answer(ws, header):
+        if header["op"] == "image_import":
+            await ws.send_message(wire.message("failed", rid=header["rid"],
+                                               error="not a tar, says the test"))
+
+    fake = FakeNode(answer)
+    node = await fake.start(nursery, front_config)
+    send, receive = trio.open_memory_channel[bytes](math.inf)
+    for _ in range(32):  # 32 MiB: four times the window the node never acknowledges
+        send.send_nowait(b"x" * (1 << 20))
+    send.close()
+    with trio.fail_after(10), pytest.raises(PoolError, match="not a tar, says the test"):
+        await node.import_image("ufaas-test/never", receive)
+    (rid,) = [rid for op, rid in fake.heard if op == "image_import"]
+    assert "image_end" not in fake.about(rid)
+    assert fake.about(rid).count("chunk") <= 9  # no more than the window held
+
+
+async def test_an_unlisted_node_ends_what_waits_on_it_at_once(front_config, nursery):
+    """A node the front stops using (unlisted from the cluster's nodes, or the front
+    stopping) is lost then: what waits for its answer ends at once, naming it."""
+    from ufaas.cluster import NodeLost
+
+    fake = FakeNode()  # answers nothing
+    node = await fake.start(nursery, front_config)
+    failed = []
+
+    async def ask():
+        with pytest.raises(NodeLost) as caught:
+            await node.image_id("ufaas-test/python")
+        failed.append(str(caught.value))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as asking:
+            asking.start_soon(ask)
+            while not fake.heard:
+                await trio.sleep(0.02)
+            node.close()
+    assert "fake lost: disconnected" in failed[0], failed
+    assert node.state == "lost"
+
+
+async def test_a_node_that_takes_no_message_is_lost_and_the_front_serves_on(
+        front_config, nursery, monkeypatch):
+    """A node that beats but reads nothing: the front's send to it ends at its deadline
+    (node_timeout, and a second a MiB on a slow link), the node is lost saying why, and
+    the front goes on (it once fell over here)."""
+    monkeypatch.setattr(wire, "SLOWEST_LINK", 1 << 40)  # the deadline: node_timeout
+    fake = FakeNode(reading=False)
+    # A short connect_timeout: the closing handshake it waits for is never answered.
+    node = await fake.start(nursery, front_config, cluster={"connect_timeout": 2})
+    for _ in range(4):  # more than the sockets' buffers hold
+        node.send(wire.pack({"op": "beat"}, [b"x" * (16 << 20)]))
+    with trio.fail_after(20):
+        while node.state == "ready":
             await trio.sleep(0.05)
-        node = next(cluster.remote_nodes())
-
-        send, receive = trio.open_memory_channel[bytes](1)
-        await send.send(b"part of a tar")  # and no more: the import waits for the rest
-        with trio.move_on_after(0.5) as gave_up:
-            await node.import_image("ufaas-test/never", receive)
-        assert gave_up.cancelled_caught
-        imports = [rid for op, rid in heard if op == "image_import"]
-        assert len(imports) == 1
-        while ("image_cancel", imports[0]) not in heard:
-            await trio.sleep(0.02)
-        assert [op for op, rid in heard if rid == imports[0]] == [
-            "image_import", "chunk", "image_cancel"]
-
-        chunks = node.export_image("ufaas-test/python")
-        assert await chunks.__anext__() == b"x" * 1000
-        await chunks.aclose()  # read one chunk, and stopped
-        exports = [rid for op, rid in heard if op == "image_export"]
-        assert len(exports) == 1
-        while ("image_cancel", exports[0]) not in heard:
-            await trio.sleep(0.02)
-        # The chunk read is acknowledged before the stream is given up on.
-        assert [op for op, rid in heard if rid == exports[0]] == [
-            "image_export", "ack", "image_cancel"]
+    assert "it took no message of" in str(node.error), node.error
+    # And it connects again, as to any node that was lost, once leaving the connection
+    # is given up on (the reader of its messages stuck): twice connect_timeout.
+    with trio.fail_after(15):
+        while not node.ready:
+            await trio.sleep(0.05)
 
 
 async def test_much_output_through_a_node_comes_whole_and_in_order(start_node, front_config,
@@ -612,15 +703,31 @@ async def test_much_output_through_a_node_comes_whole_and_in_order(start_node, f
         assert short["stdout"] == "short\n", short
 
 
-async def test_a_node_that_breaks_the_protocol_is_lost(front_config, start_server, nursery):
+def _view_of_image(image) -> bytes:
+    from pool import PoolStatistics
+
+    stats = PoolStatistics(image="i", name="n", mode="agent", idle=0, busy=0, starting=0,
+                           total=0, waiting=0, started=0, failed_starts=0, last_error=None)
+    return wire.message("view", {"pool": {
+        "name": "n", "reference": "r", "image": image, "profile": Profile(), "min_idle": 0,
+        "max": 1, "configured": False, "statistics": stats, "containers": [], "idle": [],
+        "number": 1}})
+
+
+@pytest.mark.parametrize("said", [
+    wire.message("beat", {"pools": [{"statistics": 1}]}, engine=True),  # pools that are not
+    wire.message("out", lid=[1], fd=1),  # an id that is not one
+    _view_of_image(["not", "a", "name"]),
+], ids=["beat", "id", "view"])
+async def test_a_node_that_breaks_the_protocol_is_lost(front_config, start_server, nursery,
+                                                       said):
     """The front checks what a node claims as a node checks the front: here a node that
-    greets properly, then sends a beat whose pools are not pools."""
+    greets properly, then sends what no node would; the front goes on serving."""
     async def fake_node(request):
         ws = await request.accept()
         await ws.send_message(wire.message("hello", node="liar", speaks=wire.speaks(),
                                            max_containers=4))
-        await ws.send_message(wire.message("beat", {"pools": [{"statistics": 1}]},
-                                           engine=True))
+        await ws.send_message(said)
         await trio.sleep(30)
 
     server = await nursery.start(serve_websocket, fake_node, "127.0.0.1", 0, None)
@@ -630,6 +737,53 @@ async def test_a_node_that_breaks_the_protocol_is_lost(front_config, start_serve
                                               .get("error")):
             await trio.sleep(0.1)
     assert (await nodes_of(client))["liar"]["state"] != "ready"
+
+
+async def test_the_fronts_own_engine_fails_an_image_stream_as_a_node_does(images):
+    """The image streams between nodes expect a PoolError of any node that fails one: the
+    front's own engine (LocalNode) gives that too, not the engine's errors."""
+    from pool import Engine, PoolError, Pools
+    from ufaas.cluster import LocalNode
+
+    engine = Engine()
+    try:
+        local = LocalNode(Pools(engine, home="stream-test"))
+        send, receive = trio.open_memory_channel[bytes](1)
+        async with send:
+            await send.send(b"not a tar")
+        with trio.fail_after(60), pytest.raises(PoolError, match="cannot load"):
+            await local.import_image("ufaas-test/never", receive)
+        with trio.fail_after(60), pytest.raises(PoolError, match="cannot export"):
+            async for _ in local.export_image("ufaas-test/never-was"):
+                pass
+        engine.call_timeout = 1e-6  # no answer comes that fast
+        with pytest.raises(PoolError, match="did not answer"):
+            await local.image_id(images.busybox)
+    finally:
+        with trio.CancelScope(shield=True):
+            await engine.aclose()
+
+
+async def test_an_engine_too_slow_for_a_lease_fails_that_lease_alone(start_node, images):
+    """A node whose engine does not answer in time for a lease (an inspect, a pull) fails
+    that lease, saying so, and goes on serving the front."""
+    node = await start_node("node-a")
+    with trio.fail_after(60):
+        async with open_websocket("127.0.0.1", node.port, "/", use_ssl=False,
+                                  extra_headers=FRONT_HEADERS, max_message_size=1 << 24) as ws:
+            peer = Played(ws)
+            await peer.until("beat")
+            node.node.engine.call_timeout = 1e-6  # no answer comes that fast
+            await ws.send_message(wire.message(
+                "lease", {"profile": Profile(), "near": None}, lid="l1", strict=False,
+                timeout=5.0, image=images.busybox, configured=False,
+                sizes={"min_idle": 0, "max": 1}))
+            header, _ = await peer.until("failed", "l1")
+            assert "did not answer" in header["error"], header
+            node.node.engine.call_timeout = 30.0
+            await ws.send_message(wire.message("image_has", rid="h1", image=images.busybox))
+            header, _ = await peer.until("image")
+            assert header["rid"] == "h1" and header["id"], header
 
 
 async def test_on_one_machine_nothing_changes(start_server, python_config):

@@ -34,6 +34,7 @@ from trio_websocket import (
 )
 
 from pool import (
+    EngineError,
     ImageMissing,
     Job,
     Lease,
@@ -64,6 +65,7 @@ from .wire import (
     messages,
     mismatch,
     pack,
+    send_deadline,
     speaks,
     unpack,
     with_counts,
@@ -138,6 +140,10 @@ class RemotePool:
         if not isinstance(pool.profile, Profile) or not all(
                 isinstance(c, str) for c in pool.containers):
             raise WireError("a pool view with no profile or odd containers")
+        if not all(isinstance(v, str) for v in (pool.name, pool.reference, pool.image)) or not (
+                type(pool.min_idle) is int and type(pool.max) is int
+                and isinstance(pool.configured, bool)):
+            raise WireError("a pool view whose names or sizes are not")
         return pool
 
 
@@ -426,17 +432,32 @@ class LocalNode(Node):
     def discard(self, cid: str) -> None:
         self.pools.discard(cid)
 
+    # The engine's failures as a remote node's are: PoolError, which the image streams
+    # (Cluster._supply) expect of every node.
+
     async def image_id(self, image: str) -> str | None:
         try:
             return await self.pools.engine.image_id(image, pull=False)
         except ImageMissing:
             return None
+        except EngineError as exc:
+            raise PoolError(f"node {self.name}: {exc}") from exc
 
-    def export_image(self, image: str) -> AsyncGenerator[bytes, None]:
-        return self.pools.engine.export_image(image)
+    async def export_image(self, image: str) -> AsyncGenerator[bytes, None]:
+        chunks = self.pools.engine.export_image(image)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except EngineError as exc:
+            raise PoolError(f"node {self.name}: cannot export {image}: {exc}") from exc
+        finally:
+            await chunks.aclose()
 
     async def import_image(self, image: str, chunks: trio.abc.ReceiveChannel[bytes]) -> None:
-        await self.pools.engine.import_image(chunks)
+        try:
+            await self.pools.engine.import_image(chunks)
+        except EngineError as exc:
+            raise PoolError(f"node {self.name}: cannot load {image}: {exc}") from exc
 
 
 @dataclass(eq=False)
@@ -507,29 +528,35 @@ class RemoteNode(Node):
     async def serve(self) -> None:
         backoff = RECONNECT_MIN
         with self._scope:
-            while True:
-                retry = backoff
-                self._ended = False
-                try:
-                    why = await self._connection()
-                    backoff = RECONNECT_MIN
-                except ConnectionRejected as exc:
-                    body = (exc.body or b"").decode(errors="replace")[:500]
-                    why = f"refused this front ({exc.status_code}): {body}"
-                    self.state, retry = "refused", REFUSED_RETRY
-                except Refused as exc:
-                    why, retry = str(exc), REFUSED_RETRY
-                    self.state = "refused"
-                except (HandshakeError, OSError, ConnectionClosed, trio.TooSlowError) as exc:
-                    why = f"cannot connect: {type(exc).__name__} {exc}".rstrip()
-                    backoff = min(backoff * 2, RECONNECT_MAX)
-                except WireError as exc:
-                    why = f"broke the protocol: {exc}"
-                if self._ended:  # lost already; what the closing said does not matter
-                    retry = backoff = RECONNECT_MIN
-                else:
-                    self._lost(why)
-                await trio.sleep(retry)
+            try:
+                while True:
+                    retry = backoff
+                    self._ended = False
+                    try:
+                        why = await self._connection()
+                        backoff = RECONNECT_MIN
+                    except ConnectionRejected as exc:
+                        body = (exc.body or b"").decode(errors="replace")[:500]
+                        why = f"refused this front ({exc.status_code}): {body}"
+                        self.state, retry = "refused", REFUSED_RETRY
+                    except Refused as exc:
+                        why, retry = str(exc), REFUSED_RETRY
+                        self.state = "refused"
+                    except (HandshakeError, OSError, ConnectionClosed, trio.TooSlowError) as exc:
+                        why = f"cannot connect: {type(exc).__name__} {exc}".rstrip()
+                        backoff = min(backoff * 2, RECONNECT_MAX)
+                    except WireError as exc:
+                        why = f"broke the protocol: {exc}"
+                    if self._ended:  # lost already; what the closing said does not matter
+                        retry = backoff = RECONNECT_MIN
+                    else:
+                        self._lost(why)
+                    await trio.sleep(retry)
+            finally:
+                # Unlisted (or the front stopping): the node's runs, leases and streams
+                # end now, naming it, rather than when their own deadlines do.
+                if self._outbox is not None:  # connected still
+                    self._lost("disconnected: this front no longer uses it")
 
     def _lost(self, why: str) -> None:
         was = self.state
@@ -563,30 +590,37 @@ class RemoteNode(Node):
                    (PROTOCOL_HEADER.encode(), self.cluster.speaks.encode()),
                    (FRONT_HEADER.encode(), f"{self.cluster.home} {self.cluster.instance}"
                     .encode())]
-        async with open_websocket(
-                self.host, self.port, "/", use_ssl=False, extra_headers=headers,
-                max_message_size=settings.max_message, receive_buffer_size=RECEIVE_BUFFER,
-                connect_timeout=settings.connect_timeout,
-                disconnect_timeout=settings.connect_timeout) as ws:
-            with trio.fail_after(settings.connect_timeout):
-                hello, _ = unpack(await ws.get_message())
-            self._greet(hello)
-            outbox = Outbox()
-            async with trio.open_nursery() as nursery:
-                self._outbox = outbox
-                self.epoch += 1
-                self.state, self.error = "ready", None
-                log.info("node %s ready (%s)", self.name, self.url)
-                self.cluster.joined(self)
-                nursery.start_soon(self._send_forever, ws, outbox, nursery.cancel_scope)
-                nursery.start_soon(self._beat_forever)
-                why = await self._receive_forever(ws)
-                nursery.cancel_scope.cancel()
-            # Lost now, before the closing handshake: a hung or cut-off node never
-            # answers it, and its runs must not wait disconnect_timeout more to end.
-            self._lost(why)
-            self._ended = True
-            return why
+        why = ""  # the sender may end the connection first: then self.error says why
+        # Leaving open_websocket waits for the closing handshake and for its reader task;
+        # a node that reads nothing but still sends keeps that task waiting for room in
+        # a queue nobody reads now (the close frame never went): bounded below.
+        with trio.CancelScope() as leaving:
+            async with open_websocket(
+                    self.host, self.port, "/", use_ssl=False, extra_headers=headers,
+                    max_message_size=settings.max_message, receive_buffer_size=RECEIVE_BUFFER,
+                    connect_timeout=settings.connect_timeout,
+                    disconnect_timeout=settings.connect_timeout) as ws:
+                with trio.fail_after(settings.connect_timeout):
+                    hello, _ = unpack(await ws.get_message())
+                self._greet(hello)
+                outbox = Outbox()
+                async with trio.open_nursery() as nursery:
+                    self._outbox = outbox
+                    self.epoch += 1
+                    self.state, self.error = "ready", None
+                    log.info("node %s ready (%s)", self.name, self.url)
+                    self.cluster.joined(self)
+                    nursery.start_soon(self._send_forever, ws, outbox, nursery.cancel_scope)
+                    nursery.start_soon(self._beat_forever)
+                    why = await self._receive_forever(ws)
+                    nursery.cancel_scope.cancel()
+                why = why or self.error or "the connection ended"
+                # Lost now, before the closing handshake: a hung or cut-off node never
+                # answers it, and its runs must not wait disconnect_timeout more to end.
+                self._lost(why)
+                self._ended = True
+                leaving.deadline = trio.current_time() + 2 * settings.connect_timeout
+        return why
 
     def _greet(self, hello: dict[str, Any]) -> None:
         if hello.get("op") != "hello":
@@ -605,13 +639,14 @@ class RemoteNode(Node):
     async def _send_forever(self, ws: WebSocketConnection, outbox: Outbox,
                             scope: trio.CancelScope) -> None:
         while (data := await outbox.next()) is not None:
-            with trio.move_on_after(self.timeout) as deadline:
+            limit = send_deadline(self.timeout, len(data))
+            with trio.move_on_after(limit) as deadline:
                 try:
                     await ws.send_message(data)
                 except ConnectionClosed:
                     break
             if deadline.cancelled_caught:
-                self.error = f"it took no message for {self.timeout:g} s"
+                self.error = f"it took no message of {len(data)} bytes in {limit:.3g} s"
                 break
         scope.cancel()
 
@@ -677,6 +712,8 @@ class RemoteNode(Node):
     def _dispatch(self, header: dict[str, Any], parts: list[bytes]) -> None:
         op = header["op"]
         key = header.get("lid") or header.get("rid")
+        if key is not None and not isinstance(key, str):
+            raise WireError(f"an {op!r} whose id is not a string")
         if op == "beat":
             if not isinstance(header.get("engine"), bool):
                 raise WireError("a beat without the engine's state")
@@ -733,6 +770,8 @@ class RemoteNode(Node):
             request = self._requests[key]
             request.reply = (header, parts)
             request.done.set()
+            if key in self._credits:  # an import that ended: its sender waits no more
+                self._credits[key].close()
         elif op in ("out", "result", "ack", "chunk", "image_end", "failed", "leased", "pool",
                     "image", "imported"):
             if op == "leased":  # given up on here: let the node have it back
@@ -837,10 +876,14 @@ class RemoteNode(Node):
             raise
         if header["op"] == "failed":
             _raise_failed(self.name, header)
-        self._learn(pool, header, parts)
         container, workdir = header.get("container"), header.get("workdir")
-        if not isinstance(container, str) or not isinstance(workdir, str):
-            raise WireError("a lease without its container")
+        try:
+            self._learn(pool, header, parts)
+            if not isinstance(container, str) or not isinstance(workdir, str):
+                raise WireError("a lease without its container")
+        except WireError as exc:  # the node holds it all the same: let it go
+            self.send_quietly(message("release", lid=lid, discard=False), epoch)
+            raise PoolError(f"node {self.name} broke the protocol: {exc}") from None
         hit = header.get("hit")
         return RemoteLease(self, lid, epoch, Place(container, workdir, self.name),
                            hit if isinstance(hit, bool) else None)
@@ -851,7 +894,10 @@ class RemoteNode(Node):
                                         self.cluster.config.engine_timeout + self.timeout)
         if header["op"] == "failed":
             _raise_failed(self.name, header)
-        self._learn(pool, header, parts)
+        try:
+            self._learn(pool, header, parts)
+        except WireError as exc:
+            raise PoolError(f"node {self.name} broke the protocol: {exc}") from None
 
     def views(self) -> Iterator[RemotePool]:
         return iter(list(self._views.values()) if self.ready else [])
@@ -891,8 +937,11 @@ class RemoteNode(Node):
             self.send(message("image_import", rid=rid, image=image))
             async for chunk in chunks:
                 await credit.take(len(chunk))
+                if request.done.is_set():  # the node failed it (or was lost): no more
+                    break
                 self.send(pack({"op": "chunk", "rid": rid}, [chunk]))
-            self.send(message("image_end", rid=rid))
+            else:
+                self.send(message("image_end", rid=rid))
             await request.done.wait()  # the caller's deadline: image_timeout
         finally:
             del self._credits[rid], self._requests[rid]

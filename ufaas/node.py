@@ -65,6 +65,7 @@ from .wire import (
     messages,
     mismatch,
     pack,
+    send_deadline,
     speaks,
 )
 
@@ -357,13 +358,15 @@ class Session:
 
     async def _send_forever(self) -> None:
         while (data := await self.outbox.next()) is not None:
-            with trio.move_on_after(self.timeout) as scope:
+            limit = send_deadline(self.timeout, len(data))
+            with trio.move_on_after(limit) as scope:
                 try:
                     await self.ws.send_message(data)
                 except ConnectionClosed:
                     break
             if scope.cancelled_caught:
-                log.warning("front at %s stopped reading for %g s", self.peer, self.timeout)
+                log.warning("front at %s took no message of %d bytes in %.3g s", self.peer,
+                            len(data), limit)
                 break
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()

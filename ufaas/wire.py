@@ -37,6 +37,10 @@ _HEAD = struct.Struct(">I")
 # An Outbox's batch: most bytes of messages sent as one; how long a later one may wait.
 BATCH_BYTES = 256 * 1024
 LATER = 0.005
+# The slowest link a peer may be on and still count as taking what it is sent: a message's
+# send may take the peer's timeout, and a second more for each SLOWEST_LINK bytes of it.
+# (A peer that is gone is noticed apart from this, by its silence.)
+SLOWEST_LINK = 1024 * 1024  # bytes a second
 # Dataclasses that may travel, by name: a peer cannot make anything else.
 TYPES: dict[str, type] = {cls.__name__: cls for cls in (Job, Result, File, Place, Profile,
                                                       PoolStatistics, Outputs, OutputFile)}
@@ -67,6 +71,11 @@ COUNTERS = ("idle", "busy", "starting", "total", "waiting", "started")
 
 class WireError(Exception):
     """A message that breaks the protocol: whoever sent it is not to be trusted further."""
+
+
+def send_deadline(timeout: float, size: int) -> float:
+    """How long sending a message of ``size`` bytes to a peer of ``timeout`` may take."""
+    return timeout + size / SLOWEST_LINK
 
 
 def speaks() -> str:
