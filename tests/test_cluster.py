@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import subprocess
+import types
 
 import pytest
 import trio
@@ -524,7 +525,8 @@ async def test_an_image_stream_the_front_gives_up_on_ends_on_the_node(start_node
 class FakeNode:
     """A node as a front sees one, played by the test: it greets, beats every 0.2 s with
     no pools, records what it is sent but beats (op and id), and answers each message as
-    ``answer(ws, header)`` says. ``reading`` False: it reads nothing after the hello."""
+    ``answer(ws, header)`` says. ``reading`` False: it reads nothing after the hello.
+    A message's id is its rid or its lid."""
 
     def __init__(self, answer=None, *, reading=True) -> None:
         self.heard: list[tuple[str, str | None]] = []
@@ -548,7 +550,8 @@ class FakeNode:
                 while self.reading:
                     for header, _ in wire.messages(await ws.get_message()):
                         if header["op"] != "beat":
-                            self.heard.append((header["op"], header.get("rid")))
+                            self.heard.append((header["op"],
+                                               header.get("rid") or header.get("lid")))
                             if self.answer is not None:
                                 await self.answer(ws, header)
                 await trio.sleep_forever()
@@ -651,6 +654,27 @@ async def test_an_unlisted_node_ends_what_waits_on_it_at_once(front_config, nurs
             node.close()
     assert "fake lost: disconnected" in failed[0], failed
     assert node.state == "lost"
+
+
+async def test_a_lease_the_node_answers_wrongly_is_released_and_fails(front_config,
+                                                                    nursery):
+    """A node that grants a lease in an answer that does not hold (no pool view, no
+    container): the front fails that lease as a PoolError (its function may go
+    elsewhere) and tells the node to let the container go."""
+    from pool import PoolError
+
+    async def answer(ws, header):
+        if header["op"] == "lease":
+            await ws.send_message(wire.message("leased", lid=header["lid"]))
+
+    fake = FakeNode(answer)
+    node = await fake.start(nursery, front_config)
+    pool = types.SimpleNamespace(image="ufaas-test/python", profile=Profile(),
+                                 configured=False, sizes={"min_idle": 0, "max": 1})
+    with trio.fail_after(10), pytest.raises(PoolError, match="broke the protocol"):
+        await node.lease(pool, None, False, trio.current_time() + 5)
+    (lid,) = [lid for op, lid in fake.heard if op == "lease"]
+    await fake.told("release", lid)
 
 
 async def test_a_node_that_takes_no_message_is_lost_and_the_front_serves_on(
