@@ -699,6 +699,44 @@ async def test_a_node_that_takes_no_message_is_lost_and_the_front_serves_on(
             await trio.sleep(0.05)
 
 
+def _tasks_under(task, part: str) -> list:
+    """The tasks below ``task`` whose name holds ``part``."""
+    found = []
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            found += [child] if part in child.name else []
+            found += _tasks_under(child, part)
+    return found
+
+
+async def test_a_front_that_stops_reading_leaves_nothing_behind_on_the_node(start_node,
+                                                                           images):
+    """A front that goes on beating but reads nothing while its function floods stdout:
+    the node's send to it ends at its deadline, the session ends, and so does all of
+    the connection on the node, its reader of the front's messages too."""
+    node = await start_node("node-a")
+    serving = next(t for t in _tasks_under(trio.lowlevel.current_root_task(), "_serve_node"))
+    with trio.fail_after(90):
+        async with open_websocket("127.0.0.1", node.port, "/", use_ssl=False,
+                                  extra_headers=FRONT_HEADERS, max_message_size=1 << 24) as ws:
+            peer = Played(ws)
+            await peer.until("beat")
+            await ws.send_message(wire.message(
+                "lease", {"profile": Profile(), "near": None}, lid="l1", strict=False,
+                timeout=60.0, image=images.python, configured=False,
+                sizes={"min_idle": 0, "max": 1}))
+            await peer.until("leased", "l1")
+            await ws.send_message(wire.message("run", {"job": Job(
+                ["python3", "-c", "import os\nwhile True: os.write(1, b'x' * 65536)"],
+                timeout=60.0, output_cap=64 << 20)}, lid="l1", live=False))  # past buffers
+            assert _tasks_under(serving, "_reader_task")  # the connection, on the node
+            while _tasks_under(serving, "_reader_task"):  # until all of it ends
+                with contextlib.suppress(ConnectionClosed):  # once the node has closed it
+                    await ws.send_message(wire.message("beat"))  # reading nothing
+                await trio.sleep(0.5)
+            assert all(f.sessions == 0 for f in node.node._fronts.values())
+
+
 async def test_much_output_through_a_node_comes_whole_and_in_order(start_node, front_config,
                                                                   start_server):
     """A node holds a run's output to send it with the result, up to OUTPUT_HOLD_BYTES;

@@ -344,6 +344,13 @@ class Session:
             await self._serve()
         with trio.CancelScope(shield=True), trio.move_on_after(self.timeout):
             await self.ws.aclose()
+            # A front that reads nothing but still sends leaves the close frame unsent,
+            # and trio-websocket's reader waiting for room to queue what came, which
+            # nobody takes now: take it, so that the reader finds the stream closed and
+            # ends (else the connection's task never does).
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await self.ws.get_message()
 
     async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
