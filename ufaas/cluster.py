@@ -65,7 +65,7 @@ from .wire import (
     messages,
     mismatch,
     pack,
-    send_deadline,
+    send_each,
     speaks,
     unpack,
     with_counts,
@@ -638,16 +638,10 @@ class RemoteNode(Node):
 
     async def _send_forever(self, ws: WebSocketConnection, outbox: Outbox,
                             scope: trio.CancelScope) -> None:
-        while (data := await outbox.next()) is not None:
-            limit = send_deadline(self.timeout, len(data))
-            with trio.move_on_after(limit) as deadline:
-                try:
-                    await ws.send_message(data)
-                except ConnectionClosed:
-                    break
-            if deadline.cancelled_caught:
-                self.error = f"it took no message of {len(data)} bytes in {limit:.3g} s"
-                break
+        with contextlib.suppress(ConnectionClosed):
+            late = await send_each(outbox, ws.send_message, self.timeout)
+            if late is not None:
+                self.error = f"it {late}"
         scope.cancel()
 
     async def _beat_forever(self) -> None:
@@ -854,7 +848,11 @@ class RemoteNode(Node):
         return view
 
     def _learn(self, pool: ClusterPool, header: dict[str, Any], parts: list[bytes]) -> None:
-        view = self._view_in(header, parts)
+        """What a node's answer about ``pool`` says of it; PoolError if it does not hold."""
+        try:
+            view = self._view_in(header, parts)
+        except WireError as exc:
+            raise PoolError(f"node {self.name} broke the protocol: {exc}") from None
         if view is not None:
             self._ids[pool.image] = view.image
 
@@ -880,10 +878,11 @@ class RemoteNode(Node):
         try:
             self._learn(pool, header, parts)
             if not isinstance(container, str) or not isinstance(workdir, str):
-                raise WireError("a lease without its container")
-        except WireError as exc:  # the node holds it all the same: let it go
+                raise PoolError(f"node {self.name} broke the protocol: a lease without "
+                                "its container")
+        except PoolError:  # the node holds it all the same: let it go
             self.send_quietly(message("release", lid=lid, discard=False), epoch)
-            raise PoolError(f"node {self.name} broke the protocol: {exc}") from None
+            raise
         hit = header.get("hit")
         return RemoteLease(self, lid, epoch, Place(container, workdir, self.name),
                            hit if isinstance(hit, bool) else None)
@@ -894,10 +893,7 @@ class RemoteNode(Node):
                                         self.cluster.config.engine_timeout + self.timeout)
         if header["op"] == "failed":
             _raise_failed(self.name, header)
-        try:
-            self._learn(pool, header, parts)
-        except WireError as exc:
-            raise PoolError(f"node {self.name} broke the protocol: {exc}") from None
+        self._learn(pool, header, parts)
 
     def views(self) -> Iterator[RemotePool]:
         return iter(list(self._views.values()) if self.ready else [])

@@ -65,7 +65,7 @@ from .wire import (
     messages,
     mismatch,
     pack,
-    send_deadline,
+    send_each,
     speaks,
 )
 
@@ -364,17 +364,10 @@ class Session:
             nursery.cancel_scope.cancel()
 
     async def _send_forever(self) -> None:
-        while (data := await self.outbox.next()) is not None:
-            limit = send_deadline(self.timeout, len(data))
-            with trio.move_on_after(limit) as scope:
-                try:
-                    await self.ws.send_message(data)
-                except ConnectionClosed:
-                    break
-            if scope.cancelled_caught:
-                log.warning("front at %s took no message of %d bytes in %.3g s", self.peer,
-                            len(data), limit)
-                break
+        with contextlib.suppress(ConnectionClosed):
+            late = await send_each(self.outbox, self.ws.send_message, self.timeout)
+            if late is not None:
+                log.warning("front at %s %s", self.peer, late)
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 

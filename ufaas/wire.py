@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -76,6 +76,20 @@ class WireError(Exception):
 def send_deadline(timeout: float, size: int) -> float:
     """How long sending a message of ``size`` bytes to a peer of ``timeout`` may take."""
     return timeout + size / SLOWEST_LINK
+
+
+async def send_each(outbox: Outbox, send: Callable[[bytes], Awaitable[object]],
+                    timeout: float) -> str | None:
+    """Send what ``outbox`` gives, each message within its :func:`send_deadline`, until
+    the outbox closes (None) or a message misses it (why, as a sentence's end). What
+    ``send`` raises (the connection closed) goes to the caller."""
+    while (data := await outbox.next()) is not None:
+        limit = send_deadline(timeout, len(data))
+        with trio.move_on_after(limit) as deadline:
+            await send(data)
+        if deadline.cancelled_caught:
+            return f"took no message of {len(data)} bytes in {limit:.3g} s"
+    return None
 
 
 def speaks() -> str:
