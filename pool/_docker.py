@@ -41,7 +41,12 @@ REMOVE_RETRY = 0.25
 
 
 class EngineError(Exception):
-    """The Docker engine refused or failed a request, or did not answer in time."""
+    """The Docker engine refused or failed a request, or did not answer in time.
+    ``status`` is the HTTP status of the engine's answer, when it gave one."""
+
+    def __init__(self, *args: object, status: int | None = None) -> None:
+        super().__init__(*args)
+        self.status = status
 
 
 class EngineTimeout(EngineError, trio.TooSlowError):
@@ -140,6 +145,8 @@ class Engine:
                 )
             except docker.errors.ImageNotFound as exc:
                 raise ImageMissing(str(exc)) from exc
+            except docker.errors.APIError as exc:
+                raise EngineError(str(exc), status=exc.status_code) from exc
             except docker.errors.DockerException as exc:
                 raise EngineError(str(exc)) from exc
             except OSError as exc:  # the engine's socket is gone
@@ -308,38 +315,46 @@ class Engine:
 
         return await self.call(load, timeout=self.pull_timeout)
 
-    async def remove(self, cid: str, timeout: float = 10.0) -> None:
-        """Force-remove a container; a container already gone is not an error.
+    async def remove(self, cid: str, timeout: float = 10.0) -> bool:
+        """Force-remove a container: False if the engine has no such container (already
+        gone is not an error), else True once it is gone or going.
 
         A removal already under way (AutoRemove, another caller) or refused for now (the
         engine could not unmount it yet) is tried again a few times: one that fails
         leaves a container "dead", which only another removal takes away."""
         api = await self.api()
-        for attempt in range(REMOVE_TRIES):
+        tries = 0
+        while True:
             try:
                 await self.call(api.remove_container, cid, force=True, v=True, timeout=timeout)
-                return
+                return True
             except EngineError as exc:
-                if "No such container" in str(exc) or "404" in str(exc):
-                    return
-                if attempt == REMOVE_TRIES - 1:
+                if exc.status == 404:
+                    return False
+                tries += 1
+                if tries == REMOVE_TRIES:
                     if "already in progress" in str(exc):
-                        return  # still going: the engine finishes it
+                        return True  # still going: the engine finishes it
                     raise
-            await trio.sleep(REMOVE_RETRY * (attempt + 1))
+            await trio.sleep(REMOVE_RETRY * tries)
 
-    async def remove_each(self, cids: Iterable[str]) -> None:
+    async def remove_each(self, cids: Iterable[str]) -> set[str]:
         """Remove these containers at once; one that cannot be is logged, not raised (a
-        sweep that comes again tries it again)."""
+        sweep that comes again tries it again). Gives those the engine said it does not
+        have: gone already, or only a stale entry of its container list."""
+        missing: set[str] = set()
+
         async def remove(cid: str) -> None:
             try:
-                await self.remove(cid)
+                if not await self.remove(cid):
+                    missing.add(cid)
             except EngineError as exc:
                 log.warning("could not remove container %s: %s", cid[:12], exc)
 
         async with trio.open_nursery() as nursery:
             for cid in cids:
                 nursery.start_soon(remove, cid)
+        return missing
 
     async def containers(self, labels: Mapping[str, str] | Iterable[str]) -> list[ContainerInfo]:
         """Containers (running or not) carrying all the given labels (``k=v`` or ``k``)."""

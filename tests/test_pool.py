@@ -326,6 +326,27 @@ async def test_pools_clean_up_everything(engine, images, test_id, test_labels, d
     assert docker_client.containers.list(all=True, filters={"label": label}) == []
 
 
+async def test_a_removal_says_whether_the_engine_had_the_container(images, test_labels,
+                                                                   docker_client):
+    """True for a container the engine had (and now has not), False for one it has not,
+    which is no error (the engine answered 404)."""
+    from pool import Engine
+
+    made = docker_client.containers.create(images.busybox, ["sleep", "60"],
+                                           labels=test_labels)
+    engine = Engine()
+    try:
+        with trio.fail_after(30):
+            assert await engine.remove(made.id) is True
+            with pytest.raises(docker.errors.NotFound):
+                made.reload()
+            assert await engine.remove(made.id) is False
+            assert await engine.remove("404" * 21 + "4") is False
+            assert await engine.remove_each([made.id, "f" * 64]) == {made.id, "f" * 64}
+    finally:
+        await engine.aclose()
+
+
 async def test_a_stale_container_that_cannot_be_removed_does_not_stop_the_start(
         images, test_id, test_labels, docker_client, caplog):
     """The engine refuses to remove one container of an earlier instance: the others go,
@@ -337,10 +358,10 @@ async def test_a_stale_container_that_cannot_be_removed_does_not_stop_the_start(
     gone = docker_client.containers.create(images.busybox, ["sleep", "60"], labels=old)
 
     class Refusing(Engine):
-        async def remove(self, cid: str, timeout: float = 10.0) -> None:
+        async def remove(self, cid: str, timeout: float = 10.0) -> bool:
             if cid == stuck.id:
                 raise EngineError("removal refused (the test's)")
-            await super().remove(cid, timeout)
+            return await super().remove(cid, timeout)
 
     engine = Refusing()
     try:
