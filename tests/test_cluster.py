@@ -887,3 +887,48 @@ def test_ufaas_node_refuses_to_start_without_a_token():
     helped = subprocess.run([*ufaas_command(), "node", "--help"], capture_output=True,
                             text=True, timeout=60)
     assert helped.returncode == 0 and "--token-file" in helped.stdout
+
+
+async def test_a_node_sweeps_stopped_containers_and_names_a_stale_listing_once(
+        start_node, docker_client, images, test_labels, monkeypatch, caplog):
+    """The node's sweep removes a stopped container of its own and says so once. A
+    container the engine lists but does not have (Docker 20.10 can keep one listed after
+    a restart, when its restore and an auto-removal cross) is not counted as removed, and
+    is named in the log once however many sweeps find it."""
+    import ufaas.node
+    from pool import ContainerInfo
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(ufaas.node, "SWEEP_EVERY", 0.1)
+    node = await start_node("node-a")
+    stopped = docker_client.containers.run(
+        images.busybox, ["true"], labels={**test_labels, "ufaas.node": node.name},
+        detach=True)
+    stopped.wait(timeout=30)  # "exited"
+    ghost = "0123456789ab" * 5 + "cdef"
+    engine = node.node.engine
+    listing = engine.containers
+
+    async def containers(labels):
+        found = await listing(labels)
+        if labels == {"ufaas.node": node.name}:  # the sweep's
+            found.append(ContainerInfo(ghost, "dead", {"ufaas.node": node.name}, 0.0))
+        return found
+
+    monkeypatch.setattr(engine, "containers", containers)
+
+    def said(text):
+        return [r for r in caplog.records if r.name == "ufaas.node" and text in r.getMessage()]
+
+    with trio.fail_after(30):
+        while not said("has no such container"):
+            await trio.sleep(0.05)
+        sweeps = engine._calls
+        while engine._calls < sweeps + 20:  # ten sweeps more
+            await trio.sleep(0.05)
+    assert [r.getMessage() for r in said("has no such container")] == [
+        f"the engine lists container {ghost[:12]} but has no such container: a stale entry "
+        "of its own, gone when the engine restarts"]
+    assert [r.getMessage() for r in said("removed")] == [
+        "removed 1 containers of this node's that had stopped"]
+    assert docker_client.containers.list(all=True, filters={"id": stopped.id}) == []

@@ -199,27 +199,40 @@ class NodeServer:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.engine.aclose()
 
-    async def _remove_leftovers(self, states: tuple[str, ...] | None = None) -> None:
+    async def _remove_leftovers(self, states: tuple[str, ...] | None = None) -> set[str]:
         """Remove every container a previous run of this node left on its engine (one
         node per engine): after a crash or a power cut nobody else will. With ``states``,
-        only those in one of them."""
+        only those in one of them. Gives those the engine listed but says it does not have."""
         found = [c for c in await self.engine.containers({"ufaas.node": self.name})
                  if states is None or c.state in states]
-        await self.engine.remove_each(c.id for c in found)
-        if found:
-            log.info("removed %d containers of this node's %s", len(found),
+        missing = await self.engine.remove_each(c.id for c in found)
+        if len(found) > len(missing):
+            log.info("removed %d containers of this node's %s", len(found) - len(missing),
                      "previous run" if states is None else "that had stopped")
+        return missing
 
     async def _sweep_forever(self) -> None:
         """Pool containers remove themselves when they stop (AutoRemove); one whose removal
         failed stays 'dead' (seen after an engine restart, from an earlier run's removal)
-        until something removes it again: this does, every SWEEP_EVERY seconds."""
+        until something removes it again: this does, every SWEEP_EVERY seconds.
+
+        An engine restarted after a kill can also keep listing a container it no longer
+        has (Docker 20.10 does, when its restore and the container's auto-removal cross):
+        one its removal does not find at two sweeps in a row is said once, in the log."""
+        missing: set[str] = set()
+        told: set[str] = set()
         while True:
             await trio.sleep(SWEEP_EVERY)
             try:
-                await self._remove_leftovers(("dead", "exited"))
+                before, missing = missing, await self._remove_leftovers(("dead", "exited"))
             except EngineError as exc:
                 log.warning("could not look for stopped containers: %s", exc)
+                continue
+            stale = missing & before
+            for cid in sorted(stale - told):
+                log.warning("the engine lists container %s but has no such container: a "
+                            "stale entry of its own, gone when the engine restarts", cid[:12])
+            told = stale
 
     async def _watch_engine(self) -> None:
         while True:
