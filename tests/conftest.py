@@ -224,7 +224,8 @@ def lab(docker_client, images):
     """A Swarm of three docker-in-docker nodes on this machine, made once per session
     (~15-30 s once the node image is built) and removed at its end, each node serving
     ``ufaas node`` (as ``lab.urls``, named as ``lab.node_names``). Under CI a lab that
-    cannot be made fails the run."""
+    cannot be made fails the run. ``UFAAS_LAB_KEEP=1`` leaves it up at the end, to look at
+    after a failure (``python3 tests/lab.py down`` removes it)."""
     import lab as lab_module
 
     the_lab = lab_module.Lab(3)
@@ -240,7 +241,8 @@ def lab(docker_client, images):
         the_lab.node_names = [the_lab.name(n) for n in range(1, the_lab.nodes + 1)]
         yield the_lab
     finally:
-        the_lab.down()
+        if not os.environ.get("UFAAS_LAB_KEEP"):
+            the_lab.down()
 
 
 @pytest.fixture

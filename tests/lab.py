@@ -453,10 +453,20 @@ class Lab:
                 time.sleep(0.2)
 
     def containers(self, n: int, label: str) -> list[dict]:
-        """The containers on node ``n`` carrying ``label`` (``k`` or ``k=v``)."""
+        """The containers on node ``n`` carrying ``label`` (``k`` or ``k=v``).
+
+        Left out: those the engine lists but does not have. The nodes' Docker 20.10,
+        restarted after a kill, can keep one in its list (state "dead") when its restore
+        and the container's own auto-removal cross; inspect and removal find nothing, and
+        only the engine's next restart drops it."""
         out = self.docker(n, "ps", "-a", "--no-trunc", "--filter", f"label={label}",
                           "--format", "{{json .}}")
-        return [json.loads(line) for line in out.splitlines() if line]
+        listed = [json.loads(line) for line in out.splitlines() if line]
+        if not listed:
+            return []
+        held = set(self.docker(n, "inspect", "--format", "{{.Id}}",
+                               *(c["ID"] for c in listed), check=False).split())
+        return [c for c in listed if c["ID"] in held]
 
 
 def main(argv: list[str]) -> int:
