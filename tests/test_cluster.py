@@ -10,9 +10,11 @@ import logging
 import math
 import os
 import subprocess
+import threading
 import types
 
 import pytest
+import sites
 import trio
 from conftest import NODE_TOKEN
 from trio_websocket import ConnectionClosed, open_websocket, serve_websocket
@@ -932,3 +934,44 @@ async def test_a_node_sweeps_stopped_containers_and_names_a_stale_listing_once(
     assert [r.getMessage() for r in said("removed")] == [
         "removed 1 containers of this node's that had stopped"]
     assert docker_client.containers.list(all=True, filters={"id": stopped.id}) == []
+
+
+async def test_a_function_whose_node_is_lost_before_its_run_went_runs_on_another(
+        start_node, front_config, start_server, make_site):
+    """A function holds a lease on a node, which is lost before the function's run went
+    (here while it fetches a URL, which it does inside the lease as its spec waited on
+    disk): nothing ran, so it waits again, as a function that never started, and runs on
+    the other node, once."""
+    go = threading.Event()
+
+    def gated(request):
+        go.wait(30)
+        sites.send(b"print('ran')\n")(request)
+
+    site = make_site({"/main.py": gated})
+    a, b = await start_node("node-a"), await start_node("node-b")
+    client = await start_server(front_config(
+        [a.url, b.url], pending_bytes=0, fetch_allow=["127.0.0.1/32"]))
+    try:
+        with trio.fail_after(60):
+            await wait_nodes(client, [a.name, b.name])
+            await wait_warm(client, a.name)
+            await wait_warm(client, b.name)
+            fn = (await client.post("/fn", json={
+                "image": "ufaas-test/python", "command": ["python3", "main.py"],
+                "resources": [{"path": "main.py", "url": f"{site.url}/main.py"}]})).json()
+            while not site.requests["/main.py"]:  # leased, and fetching
+                await trio.sleep(0.02)
+            while not (busy := [p["node"] for p in (await client.get("/pools")).json()
+                                if p["busy"]]):
+                await trio.sleep(0.02)
+            (holder,) = busy
+            lost, other = (a, b) if holder == a.name else (b, a)
+            lost.stop()
+            await wait_nodes(client, [lost.name], state="lost")
+            go.set()
+            done = (await client.get(f"/fn/{fn['id']}?wait=30")).json()
+    finally:
+        go.set()
+    assert (done["status"], done["node"], done["stdout"]) == ("succeeded", other.name,
+                                                              "ran\n"), done

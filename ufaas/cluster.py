@@ -99,7 +99,8 @@ class NodeLost(PoolError):
 
 class Unclaimed(PoolError):
     """The container a front chose from a node's view had gone (or been taken) when its
-    run came: the run never started, and may wait for a container as any other."""
+    run came, or its node was lost before the run went: the run never started, and may
+    wait for a container as any other."""
 
 
 class ImageUnavailable(PoolError):
@@ -1020,11 +1021,8 @@ class RemoteLease:
         self._ran = True
         node = self.node
         run = _Run(Output(job.output_cap, on_output))
-        if node.epoch != self.epoch or node._outbox is None:
-            if self.claim is not None:  # its run never went: it may go elsewhere
-                raise Unclaimed(f"node {node.name} lost before the run went: {node.error}")
-            return Result("error", error=f"node {node.name} lost: {node.error}",
-                          place=self.place)
+        if node.epoch != self.epoch or node._outbox is None:  # its run never went:
+            raise Unclaimed(f"node {node.name} lost before the run went: {node.error}")
         if self.refused is not None:
             raise Unclaimed(self.refused)
         data = message("run", {"job": job}, lid=self.lid, live=stdin is not None,

@@ -171,8 +171,7 @@ class Function:
             try:
                 return await self._execute(lease, self.spec, self.spec.files(), scheduler)
             except Unclaimed as exc:  # it never started there: it waits as others do
-                log.info("function %s: %s; waiting for another container", self.id, exc)
-                self._back_in_queue(scheduler)
+                self._back_in_queue(scheduler, exc)
             finally:
                 lease.release()
         near = await scheduler.place_of(self.record.after) if self.record.after else None
@@ -199,13 +198,18 @@ class Function:
                         if spec is None:
                             spec = await scheduler.load_spec(self.record)
                             files = await scheduler.files(spec)
-                        return await self._execute(lease, spec, files, scheduler)
+                        try:
+                            return await self._execute(lease, spec, files, scheduler)
+                        except Unclaimed as exc:  # its node went first: another lease
+                            self._back_in_queue(scheduler, exc)
                 except (FetchError, PoolError, SpecError) as exc:
                     return self._end("error", str(exc))
             self.requeue = None
 
-    def _back_in_queue(self, scheduler: Scheduler) -> None:
-        """Its first container went before its run came: pending, as it never started."""
+    def _back_in_queue(self, scheduler: Scheduler, why: Unclaimed) -> None:
+        """Its container (or that container's node) went before its run came: pending, as
+        it never started."""
+        log.info("function %s: %s; waiting for another container", self.id, why)
         record = self.record
         record.status = "pending"
         record.started_at = record.container = record.workdir = None
