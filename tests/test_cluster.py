@@ -737,6 +737,12 @@ async def test_a_front_that_stops_reading_leaves_nothing_behind_on_the_node(star
                     await ws.send_message(wire.message("beat"))  # reading nothing
                 await trio.sleep(0.5)
             assert all(f.sessions == 0 for f in node.node._fronts.values())
+            # This end's reader is stuck as the node's was, on what it read and nobody
+            # took: take it, as the node does, so that leaving does not wait on it.
+            await ws.aclose()
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await ws.get_message()
 
 
 async def test_much_output_through_a_node_comes_whole_and_in_order(start_node, front_config,

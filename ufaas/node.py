@@ -355,13 +355,15 @@ class Session:
             greeted = True
         if greeted:
             await self._serve()
-        with trio.CancelScope(shield=True), trio.move_on_after(self.timeout):
-            await self.ws.aclose()
-            # A front that reads nothing but still sends leaves the close frame unsent,
-            # and trio-websocket's reader waiting for room to queue what came, which
-            # nobody takes now: take it, so that the reader finds the stream closed and
-            # ends (else the connection's task never does).
-            with contextlib.suppress(ConnectionClosed):
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.timeout):
+                await self.ws.aclose()
+            # A front that reads nothing but still sends leaves the close frame unsent
+            # (aclose then ends at its deadline, the stream closed), and trio-websocket's
+            # reader waiting for room to queue what came, which nobody takes now: take
+            # it, with a deadline of its own, so that the reader finds the stream closed
+            # and ends (else the connection's task never does).
+            with trio.move_on_after(self.timeout), contextlib.suppress(ConnectionClosed):
                 while True:
                     await self.ws.get_message()
 
