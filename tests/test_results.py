@@ -18,7 +18,7 @@ from command import ThreadedServer
 from test_ws import connect, run, until_exit
 
 from ufaas.config import PoolConfig
-from ufaas.files import FileStore
+from ufaas.files import FileStore, Gone
 
 MAKE = ("mkdir -p out/sub && printf 'a,b\\n1,2\\n' > out/t.csv && printf '3\\n' > out/sub/u.csv "
         "&& printf '\\211PNG' > result.png && printf '<script>x</script>' > page.html && "
@@ -274,3 +274,37 @@ async def test_a_file_that_cannot_be_kept_is_said_so(tmp_path):
     assert (store.granted, store.used) == (0, 0)
     with pytest.raises(ValueError):
         store.writer("../escape", 10)
+
+
+async def test_files_removed_while_they_are_sent_come_whole(tmp_path):
+    """Retention (or a purge) removes a function's files while an answer sends them: the
+    answer holds them open from before it began, so a file or the tar comes whole, with
+    the length it promised; once removed, the next answer is Gone."""
+    store = FileStore(tmp_path, max_bytes=8 << 20, retention=60)
+    await store.open()
+    fid = "0f0e0d0c-0000-4000-8000-000000000001"
+    data = bytes(range(256)) * 8192  # 2 MiB, many chunks
+    writer = store.writer(fid, len(data) + 10)
+    for path, chunk in (("a.bin", data), ("b.txt", b"b\n")):
+        await writer.on_file(path, b"")
+        await writer.on_file(path, chunk)
+    await writer.close()
+    files = [{"path": "a.bin", "size": len(data)}, {"path": "b.txt", "size": 2}]
+
+    (handle,) = await store.kept(fid, [0])
+    single = store.read(handle, len(data))
+    length, tar = await store.tar(fid, files)
+    first = await anext(single)
+    await store.remove(fid)  # both answers under way
+    assert not (tmp_path / fid).exists()
+    got = first + b"".join([chunk async for chunk in single])
+    assert got == data
+    archive = b"".join([chunk async for chunk in tar])
+    assert len(archive) == length
+    with tarfile.open(fileobj=io.BytesIO(archive)) as opened:
+        assert [(m.name, opened.extractfile(m).read()) for m in opened.getmembers()] == [
+            ("a.bin", data), ("b.txt", b"b\n")]
+    with pytest.raises(Gone):
+        await store.kept(fid, [1])
+    with pytest.raises(Gone):
+        await store.tar(fid, files)

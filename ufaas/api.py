@@ -406,7 +406,7 @@ def create_app(scheduler: Scheduler, config: Config,
         if index is None:
             raise NotFound(f"function {fid} has no output file {path[:200]!r}")
         kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        stored = scheduler.files_store.path(fid, index)
+        (stored,) = await scheduler.files_store.kept(fid, [index])  # or Gone
         # Whatever a function wrote is shown as its own sandboxed origin: an HTML file can
         # never reach this server's pages or their token.
         return Response(scheduler.files_store.read(stored, files[index]["size"]),

@@ -16,7 +16,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -79,26 +79,35 @@ class FileStore:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def path(self, fid: str, index: int) -> Path:
-        """The file ``index`` of function ``fid``; raise Gone when it is no longer kept."""
-        path = self._dir(fid) / str(index)
-        if not path.is_file():
-            raise Gone(f"the files of function {fid} are no longer kept (files_retention "
-                       f"is {self.retention:g} s)")
-        return path
+    async def kept(self, fid: str, indexes: Iterable[int]) -> list[BinaryIO]:
+        """These files of function ``fid`` (by their index in its record), open (off the
+        event loop), so that a sweep that removes them meanwhile takes nothing from an
+        answer under way; raise Gone when they are no longer kept."""
+        return await trio.to_thread.run_sync(self._open_sync, fid, list(indexes))
 
-    async def read(self, path: Path, size: int) -> AsyncIterator[bytes]:
-        """The first ``size`` bytes of a kept file, in chunks, read off the event loop."""
+    def _open_sync(self, fid: str, indexes: list[int]) -> list[BinaryIO]:
+        handles: list[BinaryIO] = []
         try:
-            handle: BinaryIO = await trio.to_thread.run_sync(open, path, "rb")
-        except OSError:
-            return  # removed meanwhile
+            for index in indexes:
+                handles.append(open(self._dir(fid) / str(index), "rb"))
+        except FileNotFoundError:
+            for handle in handles:
+                handle.close()
+            raise Gone(f"the files of function {fid} are no longer kept (files_retention "
+                       f"is {self.retention:g} s)") from None
+        return handles
+
+    async def read(self, handle: BinaryIO, size: int) -> AsyncIterator[bytes]:
+        """The first ``size`` bytes of a kept file, open, in chunks, read off the event
+        loop, and ``size`` bytes in all whatever the file holds (the length was promised):
+        zeros make up what it lacks. The file is closed at the end."""
         try:
             left = size
             while left > 0:
                 chunk = await trio.to_thread.run_sync(handle.read, min(CHUNK, left))
                 if not chunk:
-                    break
+                    yield bytes(left)
+                    return
                 left -= len(chunk)
                 yield chunk
         finally:
@@ -107,7 +116,7 @@ class FileStore:
     async def tar(self, fid: str, files: list[dict[str, Any]]) -> tuple[int, AsyncIterator[bytes]]:
         """A tar of the files of ``fid`` (as its record lists them): its length, and its bytes
         as a stream; raise Gone first when they are no longer kept."""
-        paths = [self.path(fid, i) for i in range(len(files))]
+        handles = await self.kept(fid, range(len(files)))
         mtime = time.time()
         heads = []
         for f in files:
@@ -118,16 +127,16 @@ class FileStore:
         length += 2 * tarfile.BLOCKSIZE
 
         async def stream() -> AsyncIterator[bytes]:
-            for head, f, path in zip(heads, files, paths, strict=True):
-                yield head
-                sent = 0
-                async for chunk in self.read(path, f["size"]):
-                    sent += len(chunk)
-                    yield chunk
-                if sent < f["size"]:  # removed meanwhile: the length was promised
-                    yield bytes(f["size"] - sent)
-                yield bytes(_padded(f["size"]) - f["size"])
-            yield bytes(2 * tarfile.BLOCKSIZE)
+            try:
+                for head, f, handle in zip(heads, files, handles, strict=True):
+                    yield head
+                    async for chunk in self.read(handle, f["size"]):
+                        yield chunk
+                    yield bytes(_padded(f["size"]) - f["size"])
+                yield bytes(2 * tarfile.BLOCKSIZE)
+            finally:
+                for handle in handles:
+                    handle.close()
 
         return length, stream()
 
