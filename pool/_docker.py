@@ -316,7 +316,7 @@ class Engine:
         return await self.call(load, timeout=self.pull_timeout)
 
     async def remove(self, cid: str, timeout: float = 10.0) -> bool:
-        """Force-remove a container: False if the engine has no such container (already
+        """Force-remove a container: False if the engine had no such container (already
         gone is not an error), else True once it is gone or going.
 
         A removal already under way (AutoRemove, another caller) or refused for now (the
@@ -329,8 +329,8 @@ class Engine:
                 await self.call(api.remove_container, cid, force=True, v=True, timeout=timeout)
                 return True
             except EngineError as exc:
-                if exc.status == 404:
-                    return False
+                if exc.status == 404:  # gone: by an earlier try's doing, if there was one
+                    return tries > 0
                 tries += 1
                 if tries == REMOVE_TRIES:
                     if "already in progress" in str(exc):

@@ -90,11 +90,13 @@ class FileStore:
         try:
             for index in indexes:
                 handles.append(open(self._dir(fid) / str(index), "rb"))
-        except FileNotFoundError:
+        except OSError as exc:
             for handle in handles:
                 handle.close()
-            raise Gone(f"the files of function {fid} are no longer kept (files_retention "
-                       f"is {self.retention:g} s)") from None
+            if isinstance(exc, FileNotFoundError):
+                raise Gone(f"the files of function {fid} are no longer kept "
+                           f"(files_retention is {self.retention:g} s)") from None
+            raise
         return handles
 
     async def read(self, handle: BinaryIO, size: int) -> AsyncIterator[bytes]:
@@ -106,7 +108,9 @@ class FileStore:
             while left > 0:
                 chunk = await trio.to_thread.run_sync(handle.read, min(CHUNK, left))
                 if not chunk:
-                    yield bytes(left)
+                    while left > 0:
+                        yield bytes(min(CHUNK, left))
+                        left -= CHUNK
                     return
                 left -= len(chunk)
                 yield chunk
