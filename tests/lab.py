@@ -464,8 +464,14 @@ class Lab:
         listed = [json.loads(line) for line in out.splitlines() if line]
         if not listed:
             return []
-        held = set(self.docker(n, "inspect", "--format", "{{.Id}}",
-                               *(c["ID"] for c in listed), check=False).split())
+        done = subprocess.run(["docker", "-H", self.engine(n), "inspect", "--type",
+                               "container", "--format", "{{.Id}}", *(c["ID"] for c in listed)],
+                              capture_output=True, timeout=60)
+        errors = [line for line in done.stderr.decode(errors="replace").splitlines()
+                  if line and "No such container" not in line]
+        if errors:
+            raise LabError(f"docker inspect on node {n}: {errors[:3]}")
+        held = set(done.stdout.decode().split())
         return [c for c in listed if c["ID"] in held]
 
 
