@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from pool import Job, Place, Profile
 from ufaas import wire
 from ufaas.client import Client
 from ufaas.config import Config, ConfigError, PoolConfig
+from ufaas.function import Function
 from ufaas.server import serve
 
 
@@ -204,11 +206,13 @@ async def test_a_run_whose_chosen_container_went_waits_for_another(start_node, f
     """The front chooses an idle container from the node's view; when that container was
     taken meanwhile (here behind the front's back, with beats too far apart to tell it),
     the node refuses the run, which never started, and the function waits for a
-    container as any other: it runs once, not ending in error."""
+    container as any other: it runs once, not ending in error. Past pending_bytes (here 0)
+    it waits as others do, with its spec on disk, not in memory."""
     slow = {"heartbeat": 60, "node_timeout": 120}
     node = await start_node("node-a", cluster=slow)
-    client = await start_server(front_config([node.url], cluster=slow, pools=[PoolConfig(
-        image=images.python, min_idle=1, max=1)]))
+    client = await start_server(front_config([node.url], cluster=slow, pending_bytes=0,
+                                             pools=[PoolConfig(image=images.python,
+                                                               min_idle=1, max=1)]))
     with trio.fail_after(60):
         await wait_nodes(client, [node.name])
         # Its release tells the front the container is idle (no beat will say otherwise).
@@ -232,6 +236,9 @@ async def test_a_run_whose_chosen_container_went_waits_for_another(start_node, f
                 await trio.sleep(0.02)
             [waiting] = (await client.get("/fn?status=pending")).json()  # never started
             assert (waiting["container"], waiting["started_at"]) == (None, None), waiting
+            [function] = [f for f in gc.get_objects()
+                          if isinstance(f, Function) and f.id == waiting["id"]]
+            assert (function.spec, function.pinned) == (None, False)
             taken.release()
         [done] = answers
         assert (done["status"], done["stdout"]) == ("succeeded", "ran\n"), done

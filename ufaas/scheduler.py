@@ -431,9 +431,13 @@ class Scheduler:
                     del self._unsaved[fid]
 
     def requeued(self, function: Function) -> None:
-        """A function accepted as running that never started: it waits again."""
+        """A function accepted as running that never started: it waits again, with its
+        spec in memory within pending_bytes, as any other, else on disk (saved as it
+        requeues) and read back when it starts."""
         self._pending += 1
         function.pinned = function.spec is not None and self._pin(function.spec)
+        if not function.pinned:
+            function.spec = None
 
     def _dequeued(self, function: Function) -> None:
         self._pending -= 1
