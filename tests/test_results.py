@@ -279,7 +279,8 @@ async def test_a_file_that_cannot_be_kept_is_said_so(tmp_path):
 async def test_files_removed_while_they_are_sent_come_whole(tmp_path):
     """Retention (or a purge) removes a function's files while an answer sends them: the
     answer holds them open from before it began, so a file or the tar comes whole, with
-    the length it promised; once removed, the next answer is Gone."""
+    the length it promised; once removed, the next answer is Gone. An answer's files are
+    closed when it ends, and when it is closed before it began."""
     store = FileStore(tmp_path, max_bytes=8 << 20, retention=60)
     await store.open()
     fid = "0f0e0d0c-0000-4000-8000-000000000001"
@@ -291,20 +292,23 @@ async def test_files_removed_while_they_are_sent_come_whole(tmp_path):
     await writer.close()
     files = [{"path": "a.bin", "size": len(data)}, {"path": "b.txt", "size": 2}]
 
-    (handle,) = await store.kept(fid, [0])
-    single = store.read(handle, len(data))
-    length, tar = await store.tar(fid, files)
+    single = await store.file(fid, 0, len(data))
+    tar = await store.tar(fid, files)
+    unread = await store.tar(fid, files)  # an answer that never begins
     first = await anext(single)
-    await store.remove(fid)  # both answers under way
+    await store.remove(fid)  # the answers under way
     assert not (tmp_path / fid).exists()
     got = first + b"".join([chunk async for chunk in single])
-    assert got == data
+    assert got == data and single.length == len(data) and single.closed
     archive = b"".join([chunk async for chunk in tar])
-    assert len(archive) == length
+    assert len(archive) == tar.length and tar.closed
     with tarfile.open(fileobj=io.BytesIO(archive)) as opened:
         assert [(m.name, opened.extractfile(m).read()) for m in opened.getmembers()] == [
             ("a.bin", data), ("b.txt", b"b\n")]
+    assert not unread.closed
+    await unread.aclose()  # as the HTTP server closes an answer it ends before its body
+    assert unread.closed
     with pytest.raises(Gone):
-        await store.kept(fid, [1])
+        await store.file(fid, 1, 2)
     with pytest.raises(Gone):
         await store.tar(fid, files)

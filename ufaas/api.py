@@ -388,9 +388,9 @@ def create_app(scheduler: Scheduler, config: Config,
                                "Content-Disposition": "attachment; filename=ID.tar"}})
     async def function_files(fid: str) -> Response:
         """A finished function's output files, as one tar archive."""
-        length, stream = await scheduler.files_store.tar(fid, kept_files(fid))
-        return Response(stream, content_type="application/x-tar", headers={
-            "Content-Length": str(length),
+        archive = await scheduler.files_store.tar(fid, kept_files(fid))
+        return Response(archive, content_type="application/x-tar", headers={
+            "Content-Length": str(archive.length),
             "Content-Disposition": f'attachment; filename="{fid}.tar"'})
 
     @app.get("/fn/<fid>/files/<path:path>")
@@ -406,14 +406,13 @@ def create_app(scheduler: Scheduler, config: Config,
         if index is None:
             raise NotFound(f"function {fid} has no output file {path[:200]!r}")
         kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        (stored,) = await scheduler.files_store.kept(fid, [index])  # or Gone
+        body = await scheduler.files_store.file(fid, index, files[index]["size"])  # or Gone
         # Whatever a function wrote is shown as its own sandboxed origin: an HTML file can
         # never reach this server's pages or their token.
-        return Response(scheduler.files_store.read(stored, files[index]["size"]),
-                        content_type=kind, headers={
-                            "Content-Length": str(files[index]["size"]),
-                            "Content-Security-Policy": "sandbox",
-                            "X-Content-Type-Options": "nosniff"})
+        return Response(body, content_type=kind, headers={
+            "Content-Length": str(body.length),
+            "Content-Security-Policy": "sandbox",
+            "X-Content-Type-Options": "nosniff"})
 
     @app.post("/fn/<fid>")
     @documented(query=follow_query, body=Spec, answers={

@@ -16,7 +16,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -79,48 +79,16 @@ class FileStore:
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def kept(self, fid: str, indexes: Iterable[int]) -> list[BinaryIO]:
-        """These files of function ``fid`` (by their index in its record), open (off the
-        event loop), so that a sweep that removes them meanwhile takes nothing from an
-        answer under way; raise Gone when they are no longer kept."""
-        return await trio.to_thread.run_sync(self._open_sync, fid, list(indexes))
+    async def file(self, fid: str, index: int, size: int) -> Download:
+        """File ``index`` of function ``fid`` (in its record's order), ``size`` bytes long;
+        raise Gone when it is no longer kept."""
+        handles = await self._kept(fid, [index])
+        return Download(size, handles, _read(handles[0], size))
 
-    def _open_sync(self, fid: str, indexes: list[int]) -> list[BinaryIO]:
-        handles: list[BinaryIO] = []
-        try:
-            for index in indexes:
-                handles.append(open(self._dir(fid) / str(index), "rb"))
-        except OSError as exc:
-            for handle in handles:
-                handle.close()
-            if isinstance(exc, FileNotFoundError):
-                raise Gone(f"the files of function {fid} are no longer kept "
-                           f"(files_retention is {self.retention:g} s)") from None
-            raise
-        return handles
-
-    async def read(self, handle: BinaryIO, size: int) -> AsyncIterator[bytes]:
-        """The first ``size`` bytes of a kept file, open, in chunks, read off the event
-        loop, and ``size`` bytes in all whatever the file holds (the length was promised):
-        zeros make up what it lacks. The file is closed at the end."""
-        try:
-            left = size
-            while left > 0:
-                chunk = await trio.to_thread.run_sync(handle.read, min(CHUNK, left))
-                if not chunk:
-                    while left > 0:
-                        yield bytes(min(CHUNK, left))
-                        left -= CHUNK
-                    return
-                left -= len(chunk)
-                yield chunk
-        finally:
-            handle.close()
-
-    async def tar(self, fid: str, files: list[dict[str, Any]]) -> tuple[int, AsyncIterator[bytes]]:
-        """A tar of the files of ``fid`` (as its record lists them): its length, and its bytes
-        as a stream; raise Gone first when they are no longer kept."""
-        handles = await self.kept(fid, range(len(files)))
+    async def tar(self, fid: str, files: list[dict[str, Any]]) -> Download:
+        """A tar of the files of ``fid`` (as its record lists them); raise Gone when they
+        are no longer kept."""
+        handles = await self._kept(fid, range(len(files)))
         mtime = time.time()
         heads = []
         for f in files:
@@ -130,19 +98,34 @@ class FileStore:
         length = sum(len(h) + _padded(f["size"]) for h, f in zip(heads, files, strict=True))
         length += 2 * tarfile.BLOCKSIZE
 
-        async def stream() -> AsyncIterator[bytes]:
-            try:
-                for head, f, handle in zip(heads, files, handles, strict=True):
-                    yield head
-                    async for chunk in self.read(handle, f["size"]):
-                        yield chunk
-                    yield bytes(_padded(f["size"]) - f["size"])
-                yield bytes(2 * tarfile.BLOCKSIZE)
-            finally:
-                for handle in handles:
-                    handle.close()
+        async def archive() -> AsyncGenerator[bytes, None]:
+            for head, f, handle in zip(heads, files, handles, strict=True):
+                yield head
+                async for chunk in _read(handle, f["size"]):
+                    yield chunk
+                yield bytes(_padded(f["size"]) - f["size"])
+            yield bytes(2 * tarfile.BLOCKSIZE)
 
-        return length, stream()
+        return Download(length, handles, archive())
+
+    async def _kept(self, fid: str, indexes: Iterable[int]) -> list[BinaryIO]:
+        """These files of function ``fid``, open (off the event loop), so that a sweep
+        that removes them meanwhile takes nothing from an answer under way; raise Gone
+        when they are no longer kept."""
+        return await trio.to_thread.run_sync(self._open_sync, fid, list(indexes))
+
+    def _open_sync(self, fid: str, indexes: list[int]) -> list[BinaryIO]:
+        handles: list[BinaryIO] = []
+        try:
+            for index in indexes:
+                handles.append(open(self._dir(fid) / str(index), "rb"))
+        except OSError as exc:
+            _close_all(handles)
+            if isinstance(exc, FileNotFoundError):
+                raise Gone(f"the files of function {fid} are no longer kept "
+                           f"(files_retention is {self.retention:g} s)") from None
+            raise
+        return handles
 
     # -- removing -----------------------------------------------------------------------------
 
@@ -173,6 +156,59 @@ class FileStore:
             except OSError as exc:
                 log.warning("output files: %s: %s", entry.path, exc)
         return kept, freed
+
+
+class Download:
+    """An answer's body: ``length`` bytes read from files opened before it began. Its
+    files are closed once it is read to the end, fails, or is closed (:meth:`aclose`,
+    which the HTTP server calls when the answer ends), begun or not."""
+
+    def __init__(self, length: int, handles: list[BinaryIO],
+                 chunks: AsyncGenerator[bytes, None]) -> None:
+        self.length = length
+        self._handles = handles
+        self._chunks = chunks
+
+    def __aiter__(self) -> Download:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except BaseException:
+            _close_all(self._handles)
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            await self._chunks.aclose()
+        finally:
+            _close_all(self._handles)
+
+    @property
+    def closed(self) -> bool:
+        return all(handle.closed for handle in self._handles)
+
+
+async def _read(handle: BinaryIO, size: int) -> AsyncGenerator[bytes, None]:
+    """The first ``size`` bytes of an open file, in chunks read off the event loop, and
+    ``size`` bytes in all whatever the file holds (the length was promised): zeros make
+    up what it lacks."""
+    left = size
+    while left > 0:
+        chunk = await trio.to_thread.run_sync(handle.read, min(CHUNK, left))
+        if not chunk:
+            break
+        left -= len(chunk)
+        yield chunk
+    while left > 0:
+        yield bytes(min(CHUNK, left))
+        left -= CHUNK
+
+
+def _close_all(handles: list[BinaryIO]) -> None:
+    for handle in handles:
+        handle.close()
 
 
 class Writer:
