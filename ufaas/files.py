@@ -88,7 +88,6 @@ class FileStore:
     async def tar(self, fid: str, files: list[dict[str, Any]]) -> Download:
         """A tar of the files of ``fid`` (as its record lists them); raise Gone when they
         are no longer kept."""
-        handles = await self._kept(fid, range(len(files)))
         mtime = time.time()
         heads = []
         for f in files:
@@ -97,6 +96,8 @@ class FileStore:
             heads.append(info.tobuf(format=tarfile.PAX_FORMAT))
         length = sum(len(h) + _padded(f["size"]) for h, f in zip(heads, files, strict=True))
         length += 2 * tarfile.BLOCKSIZE
+        # Opened last: from here nothing can fail before the Download owns them.
+        handles = await self._kept(fid, range(len(files)))
 
         async def archive() -> AsyncGenerator[bytes, None]:
             for head, f, handle in zip(heads, files, handles, strict=True):
